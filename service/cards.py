@@ -1,0 +1,99 @@
+"""Model cards: the JSON file beside every ONNX model, and the only way a model gets loaded.
+
+A card names its ONNX file (relative to the card), the file's sha256, the tensor signature and
+the figures measured when the model was made. `load_card` reads a card and `verify_model_file`
+refuses a file whose bytes do not match the card, so a swapped or truncated model never serves.
+`distill/` writes cards with the same model, so the format has one definition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CARD_SCHEMA_VERSION = 1
+
+
+class TensorSpec(BaseModel):
+    """One named tensor of a model signature; -1 in `shape` is a dynamic dimension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    datatype: Literal["FP32", "FP64", "INT64", "INT32"]
+    shape: list[int]
+
+
+class ModelCard(BaseModel):
+    """What `distill/` knows about a model, and what serving checks before loading it."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    schema_version: int = CARD_SCHEMA_VERSION
+    name: str
+    role: Literal["teacher", "student"]
+    version: str
+    file: str = Field(description="ONNX file name, relative to the card")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+    parameters: int = Field(ge=0, default=0)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    output_kind: Literal["logits", "probabilities"] = "logits"
+    class_labels: list[str]
+    parent_teacher_sha256: str | None = None
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: str = ""
+    kdgate_version: str = ""
+
+
+class ModelFileMismatch(Exception):
+    """The model file's sha256 is not the one its card records."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_card(card_path: Path | str) -> ModelCard:
+    """Parse a card file (no verification of the model file; see `verify_model_file`)."""
+    return ModelCard.model_validate_json(Path(card_path).read_bytes())
+
+
+def model_path(card_path: Path | str, card: ModelCard) -> Path:
+    """The ONNX file a card describes."""
+    return Path(card_path).resolve().parent / card.file
+
+
+def verify_model_file(card_path: Path | str, card: ModelCard) -> bytes:
+    """Return the model bytes after checking them against the card's sha256.
+
+    Reading once and hashing those same bytes means the file cannot change between the check
+    and the load.
+    """
+    path = model_path(card_path, card)
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != card.sha256:
+        raise ModelFileMismatch(
+            f"{path.name}: sha256 {actual} does not match {card.sha256} recorded in its card"
+        )
+    return data
+
+
+def write_card(card_path: Path | str, card: ModelCard) -> None:
+    """Write a card as indented JSON (atomically: a reader never sees half a card)."""
+    path = Path(card_path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(card.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
