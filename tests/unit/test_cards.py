@@ -3,7 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from service.cards import ModelCard, ModelFileMismatch, load_card, sha256_file, verify_model_file, write_card
+from service.cards import (
+    ModelCard,
+    ModelFileMismatch,
+    load_card,
+    sha256_file,
+    verify_model_file,
+    write_card,
+)
 
 
 def _card(tmp_path: Path, payload: bytes) -> Path:
