@@ -1,0 +1,162 @@
+"""The ASGI application: `create_app(settings)` builds it, its lifespan loads the models.
+
+    KdgateApp.__call__
+    ├── POST /v2/models/{m}[/versions/{v}]/infer, POST /v1/models/{m}:predict
+    │     raw ASGI fast path -> Inference.handle -> two ASGI send()s
+    └── everything else -> FastAPI (routing, OpenAPI, error handlers)
+
+Why a fast path: on this machine a bare ASGI + orjson + onnxruntime handler costs ~91 us CPU per
+request, Starlette routing ~124 us and FastAPI + pydantic ~252 us. Matching two URL shapes with
+string operations in front of the router keeps inference near the bare-ASGI ceiling, while the
+same endpoints stay registered on FastAPI (same handler code) so the OpenAPI schema is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope, Send
+
+from monitoring.metrics import Metrics
+from service import schemas
+from service.endpoints import JsonResponse, build_router
+from service.errors import KdgateError
+from service.fastpath import match_infer
+from service.inference import (
+    MODEL_VERSION,
+    NO_VERSION,
+    REQUEST_ID,
+    ClientDisconnected,
+    Inference,
+    new_request_id,
+)
+from service.protocol_v2 import valid_request_id
+from service.settings import Settings
+from service.state import ServingState, StudentLoader, load_student
+
+
+class KdgateApp(FastAPI):
+    """FastAPI with the inference fast path in front of its middleware and router."""
+
+    def __init__(self, state: ServingState, *, fast_path: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.serving = state
+        self.inference = Inference(state)
+        self.fast_path = fast_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            target = match_infer(scope["path"]) if scope["method"] == "POST" else None
+            if target is not None and self.fast_path:
+                try:
+                    reply = await self.inference.handle(*target, scope["headers"], receive)
+                except ClientDisconnected:
+                    return
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": reply.status,
+                        "headers": reply.headers,
+                    }
+                )
+                await send({"type": "http.response.body", "body": reply.body})
+                return
+            send = _with_identity_headers(scope, send)
+        await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """The generated schema plus the infer request bodies (parsed by codecs, not pydantic)."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in schemas.DOCUMENTED_BODIES:
+                components.update(_component_schemas(model))
+        return super().openapi()
+
+
+def _component_schemas(model: type[BaseModel]) -> dict[str, Any]:
+    found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    definitions: dict[str, Any] = found.pop("$defs", {})
+    return {**definitions, model.__name__: found}
+
+
+def _with_identity_headers(scope: Scope, send: Send) -> Send:
+    """Add `x-request-id` and `x-kdgate-model-version` to responses that did not set them."""
+    request_id = next((v for k, v in scope["headers"] if k == REQUEST_ID), b"")
+    if not valid_request_id(request_id.decode("latin-1")):
+        request_id = new_request_id().encode()
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            present = {name.lower() for name, _ in headers}
+            if MODEL_VERSION not in present:
+                headers.append((MODEL_VERSION, NO_VERSION))
+            if REQUEST_ID not in present:
+                headers.append((REQUEST_ID, request_id))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_headers
+
+
+async def _kdgate_error(_: Request, exc: Exception) -> JsonResponse:
+    assert isinstance(exc, KdgateError)
+    return JsonResponse({"error": exc.message}, status_code=exc.status_code)
+
+
+async def _http_error(_: Request, exc: Exception) -> JsonResponse:
+    assert isinstance(exc, HTTPException)
+    return JsonResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JsonResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JsonResponse({"error": f"invalid request: {problems}"}, status_code=400)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    student_loader: StudentLoader = load_student,
+    fast_path: bool = True,
+) -> KdgateApp:
+    """Build the kdgate ASGI app; models load (sha256 verified) and warm up in its lifespan.
+
+    `registry` receives every metric (a fresh one when None); `student_loader` turns a student's
+    settings into a session (tests inject slow or failing ones); `fast_path=False` serves the
+    infer endpoints through the FastAPI routes instead (same handler; for tests and benchmarks).
+    """
+    state = ServingState(settings, Metrics(registry or CollectorRegistry()))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Reading files and building sessions blocks for a while: keep the loop free.
+        await asyncio.to_thread(state.load, student_loader)
+        try:
+            yield
+        finally:
+            state.ready = False
+
+    app = KdgateApp(
+        state,
+        fast_path=fast_path,
+        title="kdgate",
+        summary="Open Inference Protocol V2 and KServe V1 serving for distilled students",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(KdgateError, _kdgate_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(build_router(state, app.inference))
+    return app

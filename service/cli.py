@@ -1,0 +1,68 @@
+"""The `kdgate` command: `serve`, and `distill` (which lives in distill/, loaded lazily).
+
+`rules` and `loadgen` join as further subcommands; each subcommand is one function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.settings import load_settings
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run uvicorn on the configured app until SIGINT/SIGTERM (in-flight requests finish)."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = load_settings(args.config)
+    server = settings.server
+    config = uvicorn.Config(
+        create_app(settings),
+        host=args.host or server.host,
+        port=server.port if args.port is None else args.port,
+        http="httptools",
+        loop="uvloop",
+        lifespan="on",
+        access_log=False,
+        log_level=server.log_level,
+        timeout_graceful_shutdown=server.graceful_shutdown_seconds,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("serve", help="serve the configured models over HTTP")
+    run.add_argument("--config", type=Path, help="YAML config file (default: $KDGATE_CONFIG)")
+    run.add_argument("--host", help="bind address (default: server.host)")
+    run.add_argument("--port", type=int, help="port; 0 picks a free one (default: server.port)")
+    run.set_defaults(handler=serve)
+
+    commands.add_parser(
+        "distill", help="train a student from the teacher (distill/)", add_help=False
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kdgate` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["distill"]:
+        # distill/ pulls in torch: import it only when asked, and let it parse its own options.
+        distill_cli = importlib.import_module("distill.cli")
+        return int(distill_cli.main(args_list[1:]) or 0)
+    args = build_parser().parse_args(args_list)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

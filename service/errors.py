@@ -1,0 +1,71 @@
+"""The kdgate error hierarchy: every error a client can cause, with its HTTP status.
+
+    KdgateError (500)            something on our side went wrong
+    ├── InvalidInput (400)       the request is malformed or does not fit the model signature
+    ├── Unauthorized (401)       no or wrong bearer token
+    ├── Forbidden (403)          the token is valid but may not do this
+    ├── ModelNotFound (404)      unknown model or version
+    ├── PayloadTooLarge (413)    the body is over server.max_body_bytes
+    └── NotReady (503)           the model is still loading or warming up
+
+Each response body is `{"error": "<what was wrong and what was expected>"}`. One handler,
+registered on the base class, renders them all (Starlette resolves handlers by MRO); the raw
+inference path renders them with `error_body` directly.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+
+class KdgateError(Exception):
+    """Base of every kdgate error; `status_code` is the HTTP status it maps to."""
+
+    status_code: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(KdgateError):
+    """The request body or parameters are wrong (400); bad input never becomes a 500."""
+
+    status_code = 400
+
+
+class Unauthorized(KdgateError):
+    """Missing or wrong credentials (401)."""
+
+    status_code = 401
+
+
+class Forbidden(KdgateError):
+    """Authenticated but not allowed (403)."""
+
+    status_code = 403
+
+
+class ModelNotFound(KdgateError):
+    """Unknown model name or version (404)."""
+
+    status_code = 404
+
+
+class PayloadTooLarge(KdgateError):
+    """Request body over the configured limit (413)."""
+
+    status_code = 413
+
+
+class NotReady(KdgateError):
+    """The model cannot serve yet (503)."""
+
+    status_code = 503
+
+
+def error_body(message: str) -> bytes:
+    """The JSON error body every kdgate error response carries."""
+    return orjson.dumps({"error": message})

@@ -1,0 +1,280 @@
+"""Typed configuration: one YAML file, every key overridable by `KDGATE_*` environment variables.
+
+    Settings
+    ├── server    ServerSettings     bind address, body limit, onnxruntime threads
+    ├── models    [ModelSettings]    students (versions + cards), teacher, traffic split
+    ├── shadow    ShadowSettings     queue size, teacher batch size
+    ├── slo       SloSettings        fidelity and latency objectives
+    ├── webhook   WebhookSettings    retrain webhook URL and signing secret
+    └── admin     AdminSettings      bearer token for /admin (admin is off without one)
+
+Precedence: environment > YAML file > defaults. Nesting uses `__`
+(`KDGATE_SERVER__PORT=9000`); lists are given as JSON (`KDGATE_MODELS='[...]'`).
+Relative card paths in a file are relative to that file's directory; with no file the embedded
+default serves the repository's `models/digits` pair. docs/configuration.md lists every key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+import service
+
+CONFIG_ENV_VAR = "KDGATE_CONFIG"
+
+# Secrets that are obviously copied from an example rather than chosen.
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "change-me", "change_me", "secret", "password", "placeholder", "todo", "xxx"}
+)
+
+
+def default_models_dir() -> Path:
+    """The committed model pair shipped with the repository (`<repo>/models`)."""
+    return Path(service.__file__).resolve().parents[1] / "models"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    """HTTP server and onnxruntime session options (one worker process per container)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="request body limit")
+    onnx_intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime intra-op pool")
+    onnx_inter_op_threads: int = Field(default=1, ge=1, description="onnxruntime inter-op pool")
+    warmup_runs: int = Field(default=50, ge=1, description="session runs before ready")
+    graceful_shutdown_seconds: int = Field(default=30, ge=1)
+    log_level: str = "info"
+
+
+class StudentSettings(_Section):
+    """One student version: an ONNX file described by its model card."""
+
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    card: Path
+
+
+class TeacherSettings(_Section):
+    """The teacher: a local card, or a remote Open Inference Protocol endpoint."""
+
+    card: Path | None = None
+    url: str | None = None
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.card is None) == (self.url is None):
+            raise ValueError("teacher needs exactly one of 'card' or 'url'")
+        if self.url is not None and not self.model:
+            raise ValueError("a remote teacher ('url') needs 'model', its name on that server")
+        return self
+
+
+class TrafficSettings(_Section):
+    """Canary split between student versions, sticky routing and the shadow fraction."""
+
+    weights: dict[str, int] = Field(default_factory=dict)
+    sticky_header: str = "x-kdgate-route-key"
+    shadow_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _percentages(cls, weights: dict[str, int]) -> dict[str, int]:
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"weights must be >= 0, got {weights}")
+        if weights and sum(weights.values()) != 100:
+            raise ValueError(f"weights must sum to 100, got {sum(weights.values())}: {weights}")
+        return weights
+
+    @field_validator("sticky_header")
+    @classmethod
+    def _lower(cls, header: str) -> str:
+        # ASGI header names arrive lower-cased.
+        return header.lower()
+
+
+class ModelSettings(_Section):
+    """One served model: its student versions, its teacher and how traffic is split."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    students: list[StudentSettings] = Field(min_length=1)
+    teacher: TeacherSettings | None = None
+    traffic: TrafficSettings = Field(default_factory=TrafficSettings)
+
+    @model_validator(mode="after")
+    def _known_versions(self) -> Self:
+        versions = [s.version for s in self.students]
+        if len(set(versions)) != len(versions):
+            raise ValueError(f"model {self.name!r}: duplicate student versions {versions}")
+        unknown = sorted(set(self.traffic.weights) - set(versions))
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r}: traffic weights name unknown versions {unknown}; "
+                f"students are {versions}"
+            )
+        if not self.traffic.weights:
+            # One student and no split: it takes everything.
+            if len(versions) > 1:
+                raise ValueError(
+                    f"model {self.name!r} has {len(versions)} students: traffic.weights must "
+                    "say how to split between them"
+                )
+            traffic = self.traffic.model_copy(update={"weights": {versions[0]: 100}})
+            object.__setattr__(self, "traffic", traffic)
+        return self
+
+
+class ShadowSettings(_Section):
+    """Shadow traffic to the teacher: bounded queue, batch size per teacher call."""
+
+    queue_size: int = Field(default=4096, ge=1)
+    max_batch: int = Field(default=64, ge=1)
+
+
+class SloSettings(_Section):
+    """Fidelity and latency objectives, each evaluated over `window_seconds`."""
+
+    agreement_min: float = Field(default=0.95, ge=0.0, le=1.0)
+    kl_mean_max: float = Field(default=0.05, ge=0.0)
+    ece_max: float = Field(default=0.05, ge=0.0, le=1.0)
+    p95_latency_max_seconds: float = Field(default=0.1, gt=0.0)
+    drift_share_max: float = Field(default=0.5, ge=0.0, le=1.0)
+    window_seconds: float = Field(default=300.0, gt=0.0)
+    min_samples: int = Field(default=200, ge=1)
+
+
+def _reject_placeholder(secret: SecretStr | None, what: str) -> SecretStr | None:
+    if secret is None:
+        return None
+    value = secret.get_secret_value().strip()
+    if not value or value.lower() in PLACEHOLDER_SECRETS or value.startswith("<"):
+        raise ValueError(f"{what} is empty or a placeholder; set a real secret or leave it null")
+    return secret
+
+
+class WebhookSettings(_Section):
+    """Retrain webhook (Standard Webhooks signing); off while `url` is null."""
+
+    url: str | None = None
+    secret: SecretStr | None = None
+    cooldown_seconds: float = Field(default=3600.0, ge=0.0)
+
+    @field_validator("secret")
+    @classmethod
+    def _real_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        return _reject_placeholder(secret, "webhook.secret")
+
+    @model_validator(mode="after")
+    def _signed(self) -> Self:
+        if self.url is not None and self.secret is None:
+            raise ValueError("webhook.url is set but webhook.secret is not: deliveries are signed")
+        return self
+
+
+class AdminSettings(_Section):
+    """Admin API bearer token; the admin routes are off while it is null."""
+
+    token: SecretStr | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _real_token(cls, token: SecretStr | None) -> SecretStr | None:
+        return _reject_placeholder(token, "admin.token")
+
+
+def default_model_list() -> list[ModelSettings]:
+    """The embedded default: the digits student v1 and its teacher, from the repository."""
+    digits = default_models_dir() / "digits"
+    return [
+        ModelSettings(
+            name="digits",
+            students=[StudentSettings(version="1", card=digits / "student-v1.card.json")],
+            teacher=TeacherSettings(card=digits / "teacher.card.json"),
+        )
+    ]
+
+
+class Settings(BaseSettings):
+    """The whole kdgate configuration (see the module docstring for sources and precedence)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KDGATE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    models: list[ModelSettings] = Field(default_factory=default_model_list, min_length=1)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    slo: SloSettings = Field(default_factory=SloSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSettings]) -> list[ModelSettings]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate model names {names}")
+        return models
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init values; the environment must win over it.
+        return (env_settings, init_settings)
+
+
+def _resolve_cards(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative `card` paths in a parsed config file relative to the file's directory."""
+
+    def resolve(entry: Any) -> Any:
+        if isinstance(entry, dict) and isinstance(entry.get("card"), str):
+            card = Path(entry["card"])
+            return {**entry, "card": card if card.is_absolute() else base / card}
+        return entry
+
+    for model in data.get("models") or []:
+        if not isinstance(model, dict):
+            continue
+        if isinstance(model.get("students"), list):
+            model["students"] = [resolve(s) for s in model["students"]]
+        if "teacher" in model:
+            model["teacher"] = resolve(model["teacher"])
+    return data
+
+
+def load_settings(
+    config_file: Path | str | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings from `config_file` (else `$KDGATE_CONFIG`, else the embedded default).
+
+    `environ` is only consulted for `KDGATE_CONFIG`; key overrides always come from the process
+    environment (pydantic-settings reads it).
+    """
+    env = os.environ if environ is None else environ
+    path = config_file if config_file is not None else env.get(CONFIG_ENV_VAR)
+    if not path:
+        return Settings()
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config file must be a YAML mapping")
+    return Settings(**_resolve_cards(data, path.resolve().parent))

@@ -1,0 +1,194 @@
+"""Tensors against a model signature: datatypes, shapes, and the checks every protocol shares.
+
+Everything here is a pure function of its arguments, raising `InvalidInput` with a message
+that says what was wrong and what was expected. The protocol codecs (V2 JSON, V2 binary, V1)
+decode into numpy arrays through these functions, so one set of rules guards the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from service.cards import ModelCard, TensorSpec
+from service.errors import InvalidInput
+
+# Open Inference Protocol datatype -> numpy dtype, for the datatypes a card may declare.
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+}
+V2_DATATYPES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+
+# numpy kinds a JSON number may decode to, per target kind: ints are fine for a float input,
+# floats are not fine for an int input (silently truncating 1.7 to 1 would change the answer).
+_ACCEPTED_KINDS = {"f": ("f", "i", "u"), "i": ("i", "u")}
+_FLOAT_MAX = {
+    dtype: float(np.finfo(dtype).max) for dtype in NUMPY_DTYPES.values() if dtype.kind == "f"
+}
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's input and output tensors, by name, in the model's order."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+    @cached_property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.outputs)
+
+    @classmethod
+    def from_card(cls, card: ModelCard) -> Signature:
+        return cls(
+            inputs={t.name: t for t in card.inputs},
+            outputs={t.name: t for t in card.outputs},
+        )
+
+
+def element_count(shape: Sequence[int]) -> int:
+    """Number of elements of a tensor with this (fully known) shape."""
+    return math.prod(shape)
+
+
+def check_shape(name: str, shape: Any, spec: TensorSpec) -> tuple[int, ...]:
+    """Validate a client-declared shape against the signature; -1 in the spec matches any size."""
+    if type(shape) is not list or not all(type(d) is int for d in shape):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers, got {shape!r}")
+    if len(shape) != len(spec.shape):
+        raise InvalidInput(
+            f"input {name!r}: shape {shape} does not match the model's {spec.shape} "
+            "(-1 is any size)"
+        )
+    for want, got in zip(spec.shape, shape, strict=True):
+        if got <= 0:
+            raise InvalidInput(
+                f"input {name!r}: shape {shape} has a zero or negative dimension; "
+                "every dimension must be >= 1"
+            )
+        if want != got and want != -1:
+            raise InvalidInput(
+                f"input {name!r}: shape {shape} does not match the model's {spec.shape} "
+                "(-1 is any size)"
+            )
+    return tuple(shape)
+
+
+def check_datatype(name: str, datatype: Any, spec: TensorSpec) -> np.dtype[Any]:
+    """The numpy dtype for `datatype`, which must be the one the signature declares."""
+    if datatype != spec.datatype:
+        raise InvalidInput(
+            f"input {name!r}: datatype {datatype!r} is not the model's {spec.datatype!r}"
+        )
+    return NUMPY_DTYPES[spec.datatype]
+
+
+def array_from_data(
+    name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[Any], field: str = "data"
+) -> np.ndarray[Any, Any]:
+    """Decode JSON tensor data (flat or nested lists of numbers, row-major) into `shape`.
+
+    `field` names the JSON member the data came from, for error messages.
+    """
+    if not isinstance(data, list):
+        raise InvalidInput(
+            f"input {name!r}: '{field}' must be a list of numbers, got {_kind(data)}"
+        )
+    try:
+        # No dtype here on purpose: numpy would happily parse the string "1.5" into a float.
+        raw = np.asarray(data)
+    except ValueError as exc:  # ragged nesting
+        raise InvalidInput(
+            f"input {name!r}: '{field}' is not a rectangular list of numbers ({exc})"
+        ) from None
+    if raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+        raise InvalidInput(
+            f"input {name!r}: '{field}' holds {_describe_kind(raw)}; "
+            f"expected {'numbers' if dtype.kind == 'f' else 'integers'} for "
+            f"{V2_DATATYPES[dtype]}"
+        )
+    if raw.size != element_count(shape):
+        raise InvalidInput(
+            f"input {name!r}: '{field}' has {raw.size} values but shape {list(shape)} needs "
+            f"{element_count(shape)}"
+        )
+    if dtype.kind == "f":
+        # One reduction checks NaN, +-Inf and float32 overflow at once (NaN fails every
+        # comparison), and makes the cast below warning-free.
+        peak = np.abs(raw).max()
+        if not peak <= _FLOAT_MAX[dtype]:
+            check_finite(name, raw)
+            raise InvalidInput(
+                f"input {name!r}: value {peak} is outside the {V2_DATATYPES[dtype]} range "
+                f"(+-{_FLOAT_MAX[dtype]:.3e}); expected finite numbers"
+            )
+    elif raw.size:
+        info = np.iinfo(dtype)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise InvalidInput(
+                f"input {name!r}: values outside the {V2_DATATYPES[dtype]} range "
+                f"[{info.min}, {info.max}]"
+            )
+    return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def array_from_bytes(
+    name: str, payload: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype[Any]
+) -> np.ndarray[Any, Any]:
+    """Decode raw little-endian tensor bytes (the V2 binary extension) into `shape`."""
+    expected = element_count(shape) * dtype.itemsize
+    if len(payload) != expected:
+        raise InvalidInput(
+            f"input {name!r}: binary_data_size is {len(payload)} bytes but shape {list(shape)} "
+            f"of {V2_DATATYPES[dtype]} needs {expected}"
+        )
+    array = np.frombuffer(payload, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return check_finite(name, array)
+
+
+def check_finite(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Reject NaN and +-Inf in floating point inputs (a model would answer garbage)."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = np.flatnonzero(~np.isfinite(array))
+        first = array.reshape(-1)[bad[0]]
+        raise InvalidInput(
+            f"input {name!r}: {bad.size} value(s) are not finite (first: {first} at flat index "
+            f"{bad[0]}); expected finite numbers of {V2_DATATYPES[array.dtype.newbyteorder('=')]}"
+        )
+    return array
+
+
+def check_names(given: Sequence[str], signature: Signature) -> None:
+    """Every model input exactly once, nothing else."""
+    expected = list(signature.inputs)
+    seen: set[str] = set()
+    for name in given:
+        if name not in signature.inputs:
+            raise InvalidInput(f"unknown input {name!r}; the model's inputs are {expected}")
+        if name in seen:
+            raise InvalidInput(f"input {name!r} is given more than once")
+        seen.add(name)
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise InvalidInput(f"missing input(s) {missing}; the model's inputs are {expected}")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _describe_kind(array: np.ndarray[Any, Any]) -> str:
+    kinds = {"U": "strings", "S": "strings", "b": "booleans", "O": "mixed or non-numeric values"}
+    return kinds.get(array.dtype.kind, f"values of numpy kind {array.dtype.kind!r}")

@@ -1,0 +1,67 @@
+"""Request ids and the bounded body reader."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from service.errors import PayloadTooLarge
+from service.inference import ClientDisconnected, new_request_id, read_body
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def test_request_ids_are_uuid4_hex() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for rid in list(ids)[:50]:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and parsed.hex == rid
+
+
+def receiver(*messages: dict[str, Any]) -> Any:
+    queue = list(messages)
+    seen: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        message = queue.pop(0)
+        seen.append(message)
+        return message
+
+    receive.seen = seen  # type: ignore[attr-defined]
+    return receive
+
+
+async def test_chunks_are_joined() -> None:
+    receive = receiver(
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd", "more_body": False},
+    )
+    assert await read_body(receive, 10, None) == b"abcd"
+
+
+async def test_declared_length_over_limit_reads_nothing() -> None:
+    receive = receiver({"type": "http.request", "body": b"x" * 20})
+    with pytest.raises(PayloadTooLarge, match="20 bytes is over the 10-byte limit"):
+        await read_body(receive, 10, b"20")
+    assert receive.seen == []
+
+
+async def test_stream_over_limit_stops_reading() -> None:
+    chunk = {"type": "http.request", "body": b"x" * 6, "more_body": True}
+    receive = receiver(chunk, chunk, chunk, chunk)
+    with pytest.raises(PayloadTooLarge):
+        await read_body(receive, 10, None)
+    assert len(receive.seen) == 2
+
+
+async def test_disconnect() -> None:
+    with pytest.raises(ClientDisconnected):
+        await read_body(receiver({"type": "http.disconnect"}), 10, None)
