@@ -1,0 +1,181 @@
+"""Teacher backends behind one interface: a local ONNX model, or a remote OIP endpoint.
+
+    Teacher (protocol): name, version, async infer(batch [N, D]) -> logits [N, C], async aclose()
+    ├── LocalOnnxTeacher   onnxruntime on a dedicated single worker thread
+    └── RemoteOipTeacher   Open Inference Protocol (KServe V2) JSON over an injected httpx client
+
+Every failure (transport, status, malformed or non-finite answer, wrong row count) is raised as
+`TeacherError`, so the shadow worker has one thing to count and feed to its circuit breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import orjson
+from numpy.typing import NDArray
+
+Logits = NDArray[np.float32]
+
+
+class TeacherError(Exception):
+    """The teacher did not produce usable logits for a batch."""
+
+
+class Teacher(Protocol):
+    """A teacher model: logits for a batch of input rows."""
+
+    name: str
+    version: str
+
+    async def infer(self, batch: NDArray[np.float32]) -> Logits:
+        """Logits float32 [N, C] for `batch` float32 [N, D]; raises TeacherError."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the teacher owns (threads, sessions); not injected clients."""
+        ...
+
+
+class LocalOnnxTeacher:
+    """An ONNX teacher run by onnxruntime on its own single worker thread.
+
+    Built from the model BYTES (the caller verifies them against the model card first), so this
+    module never reads files or imports service/. Constructing it loads the model, which blocks:
+    build it at startup (or via `asyncio.to_thread`), not on a request.
+
+    Runs are serialised on one dedicated thread, so a slow teacher queues batches instead of
+    occupying the default executor the student may use, and the event loop never waits.
+    `intra_op_threads` is the teacher's own onnxruntime thread count (default 1).
+    """
+
+    def __init__(
+        self,
+        model: bytes,
+        *,
+        name: str,
+        version: str,
+        input_name: str = "input",
+        output_name: str = "logits",
+        intra_op_threads: int = 1,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.input_name = input_name
+        self.output_name = output_name
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning intra-op threads burn a core between batches; that core serves the student.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(
+            model, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{name}")
+
+    async def infer(self, batch: NDArray[np.float32]) -> Logits:
+        """Logits float32 [N, C] for `batch` float32 [N, D], computed on the teacher thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, batch)
+
+    async def aclose(self) -> None:
+        """Stop the worker thread once the run in progress (if any) has finished."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+
+    def _run(self, batch: NDArray[np.float32]) -> Logits:
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        try:
+            (out,) = self._session.run([self.output_name], feed)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise TeacherError(f"teacher {self.name} failed: {exc}") from exc
+        return checked_logits(out, len(batch))
+
+
+class RemoteOipTeacher:
+    """A teacher behind an Open Inference Protocol (KServe V2) REST endpoint.
+
+    `client` is injected (tests pass `httpx.MockTransport` or a real local server) and is not
+    closed by `aclose`. Each `infer` is one `POST {url}/v2/models/{model}[/versions/{v}]/infer`
+    with the whole batch as one FP32 tensor (JSON), asking for `output_name` only, with a total
+    timeout of `timeout_seconds`. `version` is what the teacher reports as its version; when
+    `model_version` is set, the request is pinned to that version on the remote side.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        url: str,
+        model: str,
+        version: str = "remote",
+        model_version: str | None = None,
+        input_name: str = "input",
+        output_name: str = "logits",
+        timeout_seconds: float = 2.0,
+    ) -> None:
+        self.name = model
+        self.version = version
+        self.input_name = input_name
+        self.output_name = output_name
+        self._client = client
+        path = f"/v2/models/{model}" + (f"/versions/{model_version}" if model_version else "")
+        self._endpoint = url.rstrip("/") + path + "/infer"
+        self._timeout = httpx.Timeout(timeout_seconds)
+
+    async def infer(self, batch: NDArray[np.float32]) -> Logits:
+        """Logits float32 [N, C] for `batch` float32 [N, D] from the remote teacher."""
+        rows = np.ascontiguousarray(batch, dtype=np.float32)
+        body = {
+            "inputs": [
+                {
+                    "name": self.input_name,
+                    "shape": list(rows.shape),
+                    "datatype": "FP32",
+                    "data": rows.reshape(-1),
+                }
+            ],
+            "outputs": [{"name": self.output_name}],
+        }
+        try:
+            response = await self._client.post(
+                self._endpoint,
+                content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                headers={"content-type": "application/json"},
+                timeout=self._timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise TeacherError(f"teacher {self._endpoint}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise TeacherError(
+                f"teacher {self._endpoint} answered {response.status_code}: {response.text[:200]}"
+            )
+        return checked_logits(self._output(response.content), len(rows))
+
+    async def aclose(self) -> None:
+        """Nothing to release: the client belongs to the caller."""
+
+    def _output(self, content: bytes) -> NDArray[Any]:
+        try:
+            outputs = orjson.loads(content)["outputs"]
+            tensor = next(o for o in outputs if o["name"] == self.output_name)
+            return np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as exc:
+            raise TeacherError(
+                f"teacher {self._endpoint}: no usable output {self.output_name!r}: {exc!r}"
+            ) from exc
+
+
+def checked_logits(out: Any, rows: int) -> Logits:
+    """`out` as float32 [rows, C] logits; TeacherError if it is not that shape or not finite."""
+    logits = np.asarray(out, dtype=np.float32)
+    if logits.ndim != 2 or logits.shape[0] != rows or logits.shape[1] == 0:
+        raise TeacherError(f"teacher returned shape {logits.shape} for {rows} rows")
+    if not np.isfinite(logits).all():
+        raise TeacherError("teacher returned non-finite logits")
+    return logits

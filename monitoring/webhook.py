@@ -1,0 +1,255 @@
+"""The retrain webhook: Standard Webhooks signing, the payload, and the notifier that delivers it.
+
+Signing (https://www.standardwebhooks.com): three headers on every POST
+
+    webhook-id:        the outbox entry id, identical on every retry (the idempotency key)
+    webhook-timestamp: unix seconds of this attempt
+    webhook-signature: v1,<base64 HMAC-SHA256(key, f"{id}.{timestamp}.{body}")>
+
+The key is the secret's bytes: for a `whsec_<base64>` secret, the base64-decoded bytes after the
+prefix (the Standard Webhooks form); for any other string, its UTF-8 bytes.
+
+Delivery::
+
+    notifier = Notifier(outbox, httpx.AsyncClient(), config, metrics)
+    task = asyncio.create_task(notifier.run())      # lifespan start; task.cancel() at stop
+    await asyncio.to_thread(outbox.enqueue_breach, ...); notifier.wake()
+
+2xx marks the entry delivered (`kdgate_retrain_requests_total{outcome="delivered"}`); anything
+else, or no answer, schedules a retry with exponential backoff and full jitter (`retried`); an
+entry older than `max_age_seconds` that fails again is marked failed (`failed`). State lives in
+the outbox, so a fresh notifier on the same file resumes with the same webhook-ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from monitoring.metrics import Metrics
+from monitoring.outbox import Outbox, OutboxEntry
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPE = "kdgate.retrain.requested"
+SIGNATURE_VERSION = "v1"
+SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks prefix, not a secret
+_PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "password", "xxx", "todo"}
+
+
+class WebhookConfig(BaseModel):
+    """The `webhook:` section. Delivery is off while `url` is None.
+
+    `secret` is a `SecretStr`: its repr and str are masked, so logging the config is safe.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    secret: SecretStr | None = None
+    cooldown_seconds: float = Field(default=3600, ge=0, description="per model and SLO")
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    backoff_cap_seconds: float = Field(default=300.0, gt=0)
+    max_age_seconds: float = Field(default=86400.0, gt=0, description="then marked failed")
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0, description="outbox poll interval")
+
+    @field_validator("secret")
+    @classmethod
+    def _not_a_placeholder(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None:
+            return None
+        value = secret.get_secret_value()
+        if value.strip().lower() in _PLACEHOLDER_SECRETS or value.startswith("<"):
+            raise ValueError("webhook secret is a placeholder; set a real one or leave it unset")
+        signing_key(value)  # a malformed whsec_ secret fails at startup, not at first delivery
+        return secret
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key for `secret`: base64-decoded for `whsec_...`, else the UTF-8 bytes."""
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+        except binascii.Error as exc:
+            raise ValueError("a whsec_ secret must be base64 after the prefix") from exc
+    return secret.encode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` value: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`."""
+    message = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(signing_key(secret), message, hashlib.sha256).digest()
+    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
+
+
+def signed_headers(secret: str, msg_id: str, body: bytes, timestamp: int) -> dict[str, str]:
+    """The three Standard Webhooks headers plus the JSON content type."""
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+    }
+
+
+def verify(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    tolerance_seconds: float = 300,
+    now: float | None = None,
+) -> bool:
+    """True when one of the `webhook-signature` entries matches and the timestamp is recent.
+
+    `headers` must be case-insensitive or lower-case. Signatures are compared in constant time;
+    several space-separated `v1,<sig>` entries (key rotation) are accepted.
+    """
+    try:
+        msg_id = headers["webhook-id"]
+        timestamp = int(headers["webhook-timestamp"])
+        received = headers["webhook-signature"].split()
+    except (KeyError, ValueError):
+        return False
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance_seconds:
+        return False
+    expected = sign(secret, msg_id, timestamp, body).encode()
+    return any(hmac.compare_digest(expected, candidate.encode()) for candidate in received)
+
+
+def retrain_payload(
+    model: str,
+    breaches: Sequence[Mapping[str, Any]],
+    *,
+    student_version: str | None,
+    teacher_version: str | None,
+    links: Mapping[str, str] | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The webhook body: `{"type", "timestamp" (RFC 3339 UTC), "data": {...}}` per DESIGN.md."""
+    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return {
+        "type": EVENT_TYPE,
+        "timestamp": moment.isoformat().replace("+00:00", "Z"),
+        "data": {
+            "model": model,
+            "student_version": student_version,
+            "teacher_version": teacher_version,
+            "breaches": [dict(b) for b in breaches],
+            "links": dict(links or {}),
+        },
+    }
+
+
+def backoff_seconds(
+    attempts: int, base: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempts)] seconds."""
+    ceiling = min(cap, base * 2 ** min(attempts, 62))
+    return (rng or random).uniform(0, ceiling)
+
+
+class Notifier:
+    """Delivers due outbox entries to `config.url`, signed with `config.secret`.
+
+    `client` is injected (its base settings are the caller's; the timeout comes from `config`).
+    `clock` returns unix seconds and `rng` drives the jitter, both for tests.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        client: httpx.AsyncClient,
+        config: WebhookConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if config.url is None or config.secret is None:
+            raise ValueError("the notifier needs webhook.url and webhook.secret")
+        self._outbox = outbox
+        self._client = client
+        self._config = config
+        self._url = config.url
+        self._secret = config.secret
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Deliver now instead of at the next poll (call after an enqueue, on the loop)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver due entries forever, polling every `poll_seconds`; stop by cancelling."""
+        while True:
+            self._wake.clear()  # before the round: a wake() during the round is not lost
+            try:
+                await self.deliver_due()
+            except Exception:  # a broken database file must not kill the task silently
+                log.exception("webhook delivery round failed; retrying at the next poll")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._config.poll_seconds)
+
+    async def deliver_due(self) -> int:
+        """One round: claim due entries (in a thread) and POST each. Returns how many were tried."""
+        entries = await asyncio.to_thread(self._outbox.claim_due)
+        for entry in entries:
+            await self._deliver(entry)
+        return len(entries)
+
+    async def _deliver(self, entry: OutboxEntry) -> None:
+        timestamp = int(self._clock())
+        headers = signed_headers(self._secret.get_secret_value(), entry.id, entry.body, timestamp)
+        try:
+            response = await self._client.post(
+                self._url, content=entry.body, headers=headers, timeout=self._config.timeout_seconds
+            )
+            error = None if response.is_success else f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if error is None:
+            await asyncio.to_thread(self._outbox.mark_delivered, entry.id)
+            self._count(entry, "delivered")
+            log.info("retrain webhook %s delivered (model %s)", entry.id, entry.model)
+            return
+        now = self._clock()
+        if now - entry.created >= self._config.max_age_seconds:
+            await asyncio.to_thread(self._outbox.mark_failed, entry.id, error)
+            self._count(entry, "failed")
+            log.error(
+                "retrain webhook %s failed after %d attempts: %s",
+                entry.id,
+                entry.attempts + 1,
+                error,
+            )
+            return
+        delay = backoff_seconds(
+            entry.attempts,
+            self._config.backoff_base_seconds,
+            self._config.backoff_cap_seconds,
+            self._rng,
+        )
+        await asyncio.to_thread(self._outbox.schedule_retry, entry.id, now + delay, error)
+        self._count(entry, "retried")
+        log.warning("retrain webhook %s: %s; retry in %.1f s", entry.id, error, delay)
+
+    def _count(self, entry: OutboxEntry, outcome: str) -> None:
+        self._metrics.retrain_requests.labels(model=entry.model, outcome=outcome).inc()

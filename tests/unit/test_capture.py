@@ -1,0 +1,106 @@
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitoring.capture import CaptureStore, rows_in_segment
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingStore(CaptureStore):
+    writer_threads: list[str]
+
+    def _write(self, inputs: np.ndarray, logits: np.ndarray) -> None:
+        self.writer_threads.append(threading.current_thread().name)
+        super()._write(inputs, logits)
+
+
+def _load(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for path in sorted(directory.glob("*.npz")):
+        with np.load(path, allow_pickle=False) as npz:
+            assert sorted(npz.files) == ["inputs", "teacher_logits"]
+            assert npz["inputs"].dtype == np.float32
+            assert npz["teacher_logits"].dtype == np.float32
+            assert len(npz["inputs"]) == rows_in_segment(path)
+            xs.append(npz["inputs"])
+            ys.append(npz["teacher_logits"])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_rotates_segments_and_keeps_only_the_newest_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(250, 64)).astype(np.float64)  # converted to float32 on append
+    y = rng.normal(size=(250, 10)).astype(np.float32)
+
+    async def main() -> list[str]:
+        store = RecordingStore(tmp_path / "cap", segment_rows=50, max_rows=120)
+        store.writer_threads = []
+        for lo in range(0, 250, 10):
+            store.append(x[lo : lo + 10], y[lo : lo + 10])
+        await store.aclose()
+        return store.writer_threads
+
+    threads = asyncio.run(main())
+    assert threads and all(name.startswith("kdgate-capture") for name in threads)
+    files = sorted(p.name for p in (tmp_path / "cap").iterdir())
+    assert len(files) == 2, files  # 5 segments of 50 written; beyond 120 rows the oldest go
+    assert not [f for f in files if not f.endswith(".npz")]  # no temporary file left behind
+    got_x, got_y = _load(tmp_path / "cap")
+    np.testing.assert_array_equal(got_x, x[150:].astype(np.float32))
+    np.testing.assert_array_equal(got_y, y[150:])
+
+
+def test_partial_segment_is_written_on_age_and_on_close(tmp_path: Path) -> None:
+    clock = Clock()
+
+    async def main() -> tuple[int, int]:
+        store = CaptureStore(
+            tmp_path, segment_rows=1000, max_rows=1000, flush_seconds=30, clock=clock
+        )
+        store.append(np.ones((3, 4)), np.zeros((3, 2)))
+        await store.drain()
+        after_drain = len(store.segments())  # drain flushes
+        store.append(np.ones((2, 4)), np.zeros((2, 2)))
+        clock.now = 31.0
+        store.append(np.ones((1, 4)), np.zeros((1, 2)))  # the oldest buffered row is 31 s old
+        await store.drain()
+        on_age = len(store.segments())
+        await store.aclose()
+        return after_drain, on_age
+
+    assert asyncio.run(main()) == (1, 2)
+    assert len(_load(tmp_path)[0]) == 6
+
+
+def test_rejects_mismatched_rows(tmp_path: Path) -> None:
+    store = CaptureStore(tmp_path, segment_rows=10, max_rows=10)
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        store.append(np.ones((3, 4)), np.zeros((2, 2)))
+    store.append(np.ones((1, 4)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="width"):
+        store.append(np.ones((1, 5)), np.zeros((1, 2)))
+    asyncio.run(store.aclose())
+
+
+def test_foreign_files_are_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+
+    async def main() -> None:
+        store = CaptureStore(tmp_path, segment_rows=1, max_rows=1)
+        for _ in range(3):
+            store.append(np.ones((1, 2)), np.ones((1, 2)))
+        await store.aclose()
+
+    asyncio.run(main())
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert len(list(tmp_path.glob("*.npz"))) == 1

@@ -1,0 +1,167 @@
+"""Input drift (monitoring/drift.py): numpy PSI against references, Evidently on digits."""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from sklearn.datasets import load_digits
+
+from monitoring.drift import (
+    DriftConfig,
+    DriftJob,
+    InputBuffer,
+    evidently_drift,
+    load_reference,
+    numpy_drift,
+    psi,
+)
+from monitoring.metrics import Metrics
+
+
+def brute_force_psi(reference: list[float], current: list[float]) -> float:
+    """PSI written out with loops, following Evidently's binning rules."""
+    distinct = sorted(set(reference))
+    if len(distinct) > 20:
+        both = reference + current
+        lo, hi = min(both), max(both)
+        n_bins = math.ceil(math.log2(len(both)) + 1)  # Sturges
+        edges = [lo + (hi - lo) * i / n_bins for i in range(n_bins + 1)]
+
+        def cell(x: float) -> int:
+            for i in range(n_bins - 1):
+                if x < edges[i + 1]:
+                    return i
+            return n_bins - 1
+
+        cells = list(range(n_bins))
+        ref_counts = {c: 0 for c in cells}
+        cur_counts = {c: 0 for c in cells}
+        for x in reference:
+            ref_counts[cell(x)] += 1
+        for x in current:
+            cur_counts[cell(x)] += 1
+    else:
+        keys = sorted(set(reference) | set(current))
+        ref_counts = {k: reference.count(k) for k in keys}
+        cur_counts = {k: current.count(k) for k in keys}
+    ref_share = [v / len(reference) for v in ref_counts.values()]
+    cur_share = [v / len(current) for v in cur_counts.values()]
+
+    def fill(shares: list[float]) -> list[float]:
+        smallest = min(s for s in shares if s > 0)
+        filler = smallest / 1e6 if smallest <= 1e-4 else 1e-4
+        return [s if s > 0 else filler for s in shares]
+
+    ref_share, cur_share = fill(ref_share), fill(cur_share)
+    return sum((r - c) * math.log(r / c) for r, c in zip(ref_share, cur_share, strict=True))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_psi_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    if seed % 2:  # few distinct values: one cell per value (digits pixels)
+        ref = rng.integers(0, 17, 300).astype(float)
+        cur = rng.integers(0, 12, 200).astype(float)
+    else:  # continuous: Sturges bins
+        ref = rng.normal(0, 1, 300)
+        cur = rng.normal(0.3 * seed, 1.2, 200)
+    assert psi(ref, cur) == pytest.approx(brute_force_psi(ref.tolist(), cur.tolist()), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_psi_matches_evidentlys_implementation(seed: int) -> None:
+    pd = pytest.importorskip("pandas")
+    with warnings.catch_warnings():  # evidently touches the deprecated numpy.core at import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from evidently.legacy.calculations.stattests.psi import _psi
+    from evidently.legacy.core import ColumnType
+
+    rng = np.random.default_rng(seed)
+    ref = rng.integers(0, 17, 400).astype(float) if seed % 2 else rng.gamma(2, 1, 400)
+    cur = np.clip(ref[:250] + rng.normal(0, 2, 250), 0, None)
+    theirs, _ = _psi(pd.Series(ref), pd.Series(cur), ColumnType.Numerical, 0.1)
+    assert psi(ref, cur) == pytest.approx(theirs, rel=1e-9)
+
+
+def test_psi_of_identical_constant_columns_is_zero() -> None:
+    assert psi(np.zeros(100), np.zeros(50)) == 0.0
+    assert psi(np.zeros(100), np.full(50, 16.0)) > 1  # a constant that moved is drift
+
+
+def test_input_buffer_keeps_the_newest_rows_in_order() -> None:
+    buffer = InputBuffer(capacity=5, width=2)
+    assert len(buffer) == 0 and buffer.snapshot().shape == (0, 2)
+    buffer.append([[0, 0], [1, 1], [2, 2]])
+    assert buffer.snapshot()[:, 0].tolist() == [0, 1, 2]
+    buffer.append([[3, 3], [4, 4], [5, 5]])
+    assert buffer.snapshot()[:, 0].tolist() == [1, 2, 3, 4, 5]
+    buffer.append(np.arange(20).reshape(10, 2))  # more than capacity at once
+    assert buffer.snapshot()[:, 0].tolist() == [10, 12, 14, 16, 18]
+    buffer.append([7, 7])  # a single row
+    assert buffer.snapshot()[:, 0].tolist() == [12, 14, 16, 18, 7]
+
+
+def test_input_buffer_append_never_waits() -> None:
+    buffer = InputBuffer(capacity=4, width=1)
+    with buffer._lock:  # a snapshot in progress in another thread
+        done = threading.Event()
+        threading.Thread(target=lambda: (buffer.append([[1.0]]), done.set())).start()
+        assert done.wait(2)
+    assert buffer.dropped == 1 and len(buffer) == 0
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    x = load_digits().data.astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    return x[order[:400]], x[order[400:1400]]  # reference, held-out current
+
+
+def test_numpy_drift_clean_vs_inverted(digits) -> None:
+    reference, current = digits
+    clean = numpy_drift(current[:500], reference)
+    inverted = numpy_drift(16 - current[:500], reference)
+    assert clean.columns == inverted.columns == 64
+    assert clean.share < 0.5 < 0.9 < inverted.share
+
+
+def test_evidently_clean_vs_inverted(digits) -> None:
+    reference, current = digits
+    clean = evidently_drift(current, reference, "wasserstein", html=True)
+    inverted = evidently_drift(16 - current, reference, "wasserstein", html=False)
+    assert clean.columns == 64 and clean.rows == 1000
+    assert clean.share < 0.25  # wasserstein does not flag held-out digits
+    assert inverted.share > 0.9
+    assert clean.html is not None and clean.html.lstrip().lower().startswith(b"<")
+    assert inverted.html is None
+
+
+def test_drift_job_sets_the_gauge_and_reports(tmp_path: Path, digits) -> None:
+    reference, current = digits
+    np.savez(tmp_path / "reference.npz", inputs=reference, labels=np.zeros(len(reference)))
+    metrics = Metrics(CollectorRegistry())
+    seen: list[tuple[str, float, int]] = []
+    buffer = InputBuffer(capacity=600, width=64)
+    job = DriftJob(
+        "digits",
+        buffer,
+        load_reference(tmp_path / "reference.npz"),
+        DriftConfig(min_rows=300),
+        metrics,
+        on_result=lambda *args: seen.append(args),
+    )
+    buffer.append(16 - current[:200])
+    assert job.run_once() is None and job.latest_html is None  # too few rows
+    buffer.append(16 - current[200:700])
+    result = job.run_once()
+    assert result is not None and result.rows == 600
+    share = metrics.registry.get_sample_value("kdgate_input_drift_share", {"model": "digits"})
+    assert share == result.share > 0.9
+    assert seen == [("digits", result.share, 600)]
+    assert job.latest_html is not None

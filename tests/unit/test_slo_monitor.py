@@ -1,0 +1,266 @@
+"""The in-process SLO monitor (monitoring/slo_monitor.py), driven by a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
+from monitoring.slo import Breach, SloConfig, objectives_for
+from monitoring.slo_monitor import Monitor, histogram_quantile
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CONFIG = SloConfig(
+    window_seconds=60,
+    window_buckets=6,
+    min_samples=100,
+    consecutive_breaches=3,
+    evaluate_every_seconds=10,
+)
+
+
+@pytest.fixture
+def setup() -> tuple[Monitor, Metrics, FakeClock, list[tuple[str, Breach]]]:
+    metrics = Metrics(CollectorRegistry())
+    clock = FakeClock()
+    calls: list[tuple[str, Breach]] = []
+    monitor = Monitor(
+        {"digits": objectives_for({}, CONFIG, "digits")},
+        CONFIG,
+        metrics,
+        on_breach=lambda model, breach: calls.append((model, breach)),
+        clock=clock,
+    )
+    return monitor, metrics, clock, calls
+
+
+def step(monitor: Monitor, clock: FakeClock, agreement: float, n: int = 100) -> None:
+    """Ten seconds of traffic at the given agreement, then one evaluation."""
+    clock.now += 10
+    monitor.observe_fidelity("digits", n, agreement * n, 0.01 * n)
+    monitor.evaluate()
+
+
+def breached(metrics: Metrics, slo: str) -> float | None:
+    return metrics.registry.get_sample_value("kdgate_slo_breached", {"model": "digits", "slo": slo})
+
+
+def test_breach_needs_k_consecutive_failures_and_calls_back_once(setup) -> None:
+    monitor, metrics, clock, calls = setup
+    for _ in range(8):
+        step(monitor, clock, 0.99)
+    assert calls == [] and breached(metrics, "agreement") == 0
+    # The window is 60 s: after the switch it takes a while for the window to fall below 0.95,
+    # then k = 3 failing evaluations.
+    failing, observed_at_breach = 0, None
+    for _ in range(12):
+        step(monitor, clock, 0.5)
+        row = next(r for r in monitor.status() if r["slo"] == "agreement")
+        failing = failing + 1 if row["observed"] < 0.95 else 0
+        assert len(calls) == (1 if failing >= 3 else 0), failing
+        if failing == 3:
+            observed_at_breach = row["observed"]
+    assert breached(metrics, "agreement") == 1
+    assert len(calls) == 1
+    model, breach = calls[0]
+    assert model == "digits"
+    assert breach["slo"] == "agreement"
+    assert breach["objective"] == 0.95
+    assert breach["window_seconds"] == 60
+    assert breach["samples"] >= 100
+    assert breach["observed"] == observed_at_breach
+
+
+def test_lasting_breach_does_not_call_again_and_clears_after_k_passes(setup) -> None:
+    monitor, metrics, clock, calls = setup
+    for _ in range(20):
+        step(monitor, clock, 0.5)
+    assert len(calls) == 1
+    # Recovery: window must first exceed 0.95, then 3 passing evaluations.
+    for _ in range(6):
+        step(monitor, clock, 1.0)
+    assert breached(metrics, "agreement") == 1  # window still holds bad samples
+    for _ in range(3):
+        step(monitor, clock, 1.0)
+    assert breached(metrics, "agreement") == 0
+    # A new episode is a new breach.
+    for _ in range(12):
+        step(monitor, clock, 0.5)
+    assert len(calls) == 2
+
+
+def test_flapping_below_k_never_breaches(setup) -> None:
+    monitor, metrics, clock, calls = setup
+    # One bad 10 s bucket among good ones keeps the 60 s window above 0.95 only sometimes;
+    # use direct control: alternate failing and passing evaluations.
+    for i in range(20):
+        clock.now += 60  # a whole new window each time
+        monitor.observe_fidelity("digits", 200, (0.5 if i % 2 else 1.0) * 200, 1)
+        monitor.evaluate()
+    assert calls == []
+    assert breached(metrics, "agreement") == 0
+
+
+def test_thin_window_is_ignored(setup) -> None:
+    monitor, _, clock, calls = setup
+    for _ in range(20):
+        step(monitor, clock, 0.0, n=5)  # 30 samples per window < min_samples 100
+    assert calls == []
+    row = next(r for r in monitor.status() if r["slo"] == "agreement")
+    assert row["status"] == "insufficient_data"
+    assert row["samples"] == 30
+    assert row["observed"] == 0.0
+
+
+def test_status_reports_every_slo_with_source(setup) -> None:
+    monitor, _, clock, _ = setup
+    step(monitor, clock, 0.99)
+    rows = {r["slo"]: r for r in monitor.status()}
+    assert set(rows) == {
+        "agreement",
+        "kl_mean",
+        "ece_teacher",
+        "ece_label",
+        "p95_latency",
+        "drift_share",
+    }
+    assert rows["agreement"]["observed"] == pytest.approx(0.99)
+    assert rows["kl_mean"]["observed"] == pytest.approx(0.01)
+    assert rows["ece_label"]["observed"] is None  # no labels yet: JSON null, not NaN
+    assert rows["agreement"]["source"] == "default"
+    assert rows["agreement"]["samples"] == 100
+
+
+def test_window_forgets_old_traffic(setup) -> None:
+    monitor, _, clock, _ = setup
+    step(monitor, clock, 0.5)
+    clock.now += 120
+    monitor.evaluate()
+    row = next(r for r in monitor.status() if r["slo"] == "agreement")
+    assert row["samples"] == 0 and row["observed"] is None
+
+
+def test_drift_breach(setup) -> None:
+    monitor, metrics, clock, calls = setup
+    for _ in range(3):
+        clock.now += 10
+        monitor.observe_drift("digits", 0.9, rows=500)
+        monitor.evaluate()
+    assert [b["slo"] for _, b in calls] == ["drift_share"]
+    assert calls[0][1]["samples"] == 500
+    assert breached(metrics, "drift_share") == 1
+
+
+def test_sample_reads_the_exported_counters(setup) -> None:
+    """Counters -> windowed deltas: the same figures an independent computation gives."""
+    monitor, metrics, clock, _ = setup
+    rng = np.random.default_rng(0)
+    kl = rng.exponential(0.02, 300)
+    latencies = rng.exponential(0.01, 400)
+    conf = rng.uniform(0.3, 1.0, 300)
+    correct = rng.uniform(0, 1, 300) < conf - 0.1
+    monitor.sample()  # baseline: nothing yet
+    for version in ("1", "2"):
+        metrics.fidelity_samples.labels("digits", version).inc(150)
+        metrics.fidelity_agreements.labels("digits", version).inc(140)
+    for value in kl:
+        metrics.fidelity_kl.labels("digits", "1").observe(value)
+    for value in latencies:
+        metrics.request_duration.labels("digits", "1").observe(value)
+    bins = np.minimum((conf * 15).astype(int), 14)
+    for b, c, ok in zip(bins, conf, correct, strict=True):
+        labels = ("digits", "1", "teacher", str(b))
+        metrics.calibration_samples.labels(*labels).inc()
+        metrics.calibration_confidence.labels(*labels).inc(c)
+        if ok:
+            metrics.calibration_correct.labels(*labels).inc()
+    # The teacher's own label calibration must not count as the student's.
+    metrics.calibration_samples.labels("digits", "teacher", "label", "3").inc(1000)
+    clock.now += 10
+    monitor.sample()
+    monitor.evaluate()
+    rows = {r["slo"]: r for r in monitor.status()}
+    assert rows["agreement"]["observed"] == pytest.approx(280 / 300)
+    assert rows["agreement"]["samples"] == 300
+    assert rows["kl_mean"]["observed"] == pytest.approx(kl.sum() / 300)
+    expected_ece = (
+        sum(abs(correct[bins == b].sum() - conf[bins == b].sum()) for b in range(15)) / 300
+    )
+    assert rows["ece_teacher"]["observed"] == pytest.approx(expected_ece)
+    assert rows["ece_label"]["samples"] == 0
+    assert rows["p95_latency"]["samples"] == 400
+    # Counters only grow: a second sample with no new traffic adds nothing.
+    clock.now += 10
+    monitor.sample()
+    monitor.evaluate()
+    assert {r["slo"]: r for r in monitor.status()}["agreement"]["samples"] == 300
+
+
+def prometheus_quantile(q: float, bounds: list[float], cumulative: list[float]) -> float:
+    """Brute-force reference: walk the cumulative buckets as PromQL's bucketQuantile does."""
+    rank = q * cumulative[-1]
+    for i, count in enumerate(cumulative):
+        if count >= rank:
+            if i == len(bounds):
+                return bounds[-1]
+            lower = 0.0 if i == 0 else bounds[i - 1]
+            prev = 0.0 if i == 0 else cumulative[i - 1]
+            return lower + (bounds[i] - lower) * (rank - prev) / (count - prev)
+    raise AssertionError
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_histogram_quantile_matches_promql_walk(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.exponential(0.02, 1000)
+    bounds = list(LATENCY_BUCKETS_SECONDS)
+    counts = np.histogram(values, [0.0, *bounds, math.inf])[0]
+    ours = histogram_quantile(0.95, bounds, counts)
+    assert ours == pytest.approx(prometheus_quantile(0.95, bounds, np.cumsum(counts).tolist()))
+    # And close to the exact quantile (bucket resolution).
+    assert abs(ours - np.quantile(values, 0.95)) < 0.02
+
+
+def test_histogram_quantile_empty_is_nan() -> None:
+    assert math.isnan(histogram_quantile(0.95, [0.1, 1.0], [0, 0, 0]))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_run_calls_back_in_a_thread_and_stops() -> None:
+    metrics = Metrics(CollectorRegistry())
+    config = SloConfig(
+        window_seconds=60, min_samples=10, consecutive_breaches=1, evaluate_every_seconds=0.01
+    )
+    got: asyncio.Queue[tuple[str, Breach]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    monitor = Monitor(
+        {"digits": objectives_for({}, config)},
+        config,
+        metrics,
+        on_breach=lambda m, b: loop.call_soon_threadsafe(got.put_nowait, (m, b)),
+    )
+    metrics.fidelity_samples.labels("digits", "1").inc(100)
+    metrics.fidelity_agreements.labels("digits", "1").inc(10)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop))
+    model, breach = await asyncio.wait_for(got.get(), 5)
+    assert (model, breach["slo"]) == ("digits", "agreement")
+    stop.set()
+    await asyncio.wait_for(task, 5)

@@ -1,0 +1,205 @@
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, TeacherError, checked_logits
+
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(64, 10)).astype(np.float32)
+B = RNG.normal(size=10).astype(np.float32)
+
+
+def linear_onnx(weights: np.ndarray, bias: np.ndarray) -> bytes:
+    """An ONNX model `logits = input @ weights + bias` with the kdgate signature."""
+    d, c = weights.shape
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "B"], ["logits"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, d])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, c])],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_local_teacher_runs_the_model_off_the_loop() -> None:
+    x = RNG.uniform(0, 16, size=(33, 64)).astype(np.float32)
+
+    async def main() -> tuple[np.ndarray, np.ndarray]:
+        teacher = LocalOnnxTeacher(linear_onnx(W, B), name="digits-teacher", version="3")
+        try:
+            return await teacher.infer(x), await teacher.infer(x[:1])
+        finally:
+            await teacher.aclose()
+
+    batch, single = asyncio.run(main())
+    assert batch.dtype == np.float32
+    np.testing.assert_allclose(batch, x.astype(np.float64) @ W + B, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(single, batch[:1], rtol=1e-6)
+
+
+def test_a_slow_local_run_does_not_block_the_event_loop() -> None:
+    loop_thread: list[int] = []
+    run_threads: list[int] = []
+
+    class SlowSession:
+        def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            run_threads.append(threading.get_ident())
+            time.sleep(0.2)
+            return [np.zeros((len(feed["input"]), 10), np.float32)]
+
+    async def main() -> int:
+        loop_thread.append(threading.get_ident())
+        teacher = LocalOnnxTeacher(linear_onnx(W, B), name="t", version="1")
+        teacher._session = SlowSession()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await teacher.infer(np.zeros((2, 64), np.float32))
+        task.cancel()
+        await teacher.aclose()
+        return ticks
+
+    ticks = asyncio.run(main())
+    assert run_threads and run_threads[0] != loop_thread[0]
+    assert ticks >= 10  # ~20 expected: the loop kept running during the 200 ms teacher call
+
+
+def test_local_teacher_wraps_runtime_errors() -> None:
+    async def main() -> None:
+        teacher = LocalOnnxTeacher(linear_onnx(W, B), name="t", version="1")
+        try:
+            await teacher.infer(np.zeros((2, 63), np.float32))
+        finally:
+            await teacher.aclose()
+
+    with pytest.raises(TeacherError, match="failed"):
+        asyncio.run(main())
+
+
+def _oip_server(requests: list[dict[str, Any]]) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        requests.append(
+            {"url": str(request.url), "body": body, "content_type": request.headers["content-type"]}
+        )
+        (tensor,) = body["inputs"]
+        x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+        logits = x.astype(np.float64) @ W + B
+        return httpx.Response(
+            200,
+            json={
+                "model_name": "digits-teacher",
+                "outputs": [
+                    {"name": "other", "shape": [1], "datatype": "FP32", "data": [0.0]},
+                    {
+                        "name": "logits",
+                        "shape": list(logits.shape),
+                        "datatype": "FP32",
+                        "data": logits.ravel().tolist(),
+                    },
+                ],
+            },
+        )
+
+    return httpx.MockTransport(handler)
+
+
+def test_remote_teacher_speaks_oip_v2_json() -> None:
+    seen: list[dict[str, Any]] = []
+    x = RNG.uniform(0, 16, size=(5, 64)).astype(np.float32)
+
+    async def main() -> np.ndarray:
+        async with httpx.AsyncClient(transport=_oip_server(seen)) as client:
+            teacher = RemoteOipTeacher(
+                client, url="http://teacher:8001/", model="digits-teacher", model_version="2"
+            )
+            return await teacher.infer(x)
+
+    logits = asyncio.run(main())
+    np.testing.assert_allclose(logits, x.astype(np.float64) @ W + B, rtol=1e-5, atol=1e-4)
+    (request,) = seen
+    assert request["url"] == "http://teacher:8001/v2/models/digits-teacher/versions/2/infer"
+    assert request["content_type"] == "application/json"
+    tensor = request["body"]["inputs"][0]
+    assert (tensor["name"], tensor["shape"], tensor["datatype"]) == ("input", [5, 64], "FP32")
+    assert request["body"]["outputs"] == [{"name": "logits"}]
+
+
+@pytest.mark.parametrize(
+    ("response", "match"),
+    [
+        (httpx.Response(500, json={"error": "boom"}), "answered 500"),
+        (httpx.Response(200, content=b"not json"), "no usable output"),
+        (
+            httpx.Response(
+                200, json={"outputs": [{"name": "probs", "shape": [1, 2], "data": [1, 2]}]}
+            ),
+            "no usable output",
+        ),
+        (
+            httpx.Response(
+                200, json={"outputs": [{"name": "logits", "shape": [3, 2], "data": [0] * 6}]}
+            ),
+            "shape",
+        ),
+        (
+            httpx.Response(
+                200, json={"outputs": [{"name": "logits", "shape": [2, 3], "data": [0] * 5}]}
+            ),
+            "no usable output",
+        ),
+    ],
+)
+def test_remote_teacher_failures_are_teacher_errors(response: httpx.Response, match: str) -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda _: response)) as client:
+            await RemoteOipTeacher(client, url="http://t", model="m").infer(
+                np.zeros((2, 4), np.float32)
+            )
+
+    with pytest.raises(TeacherError, match=match):
+        asyncio.run(main())
+
+
+def test_remote_teacher_transport_errors_and_timeout_are_teacher_errors() -> None:
+    timeouts: list[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"])
+        raise httpx.ReadTimeout("slow", request=request)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await RemoteOipTeacher(client, url="http://t", model="m", timeout_seconds=0.25).infer(
+                np.zeros((1, 4), np.float32)
+            )
+
+    with pytest.raises(TeacherError, match="ReadTimeout"):
+        asyncio.run(main())
+    assert timeouts[0]["read"] == 0.25
+
+
+def test_checked_logits_rejects_non_finite() -> None:
+    with pytest.raises(TeacherError, match="non-finite"):
+        checked_logits(np.array([[np.nan, 0.0]]), 1)
