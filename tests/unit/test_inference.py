@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from service.errors import PayloadTooLarge
-from service.inference import ClientDisconnected, new_request_id, read_body
+from service.inference import ClientDisconnected, new_request_id, read_body, request_ids
 
 pytestmark = pytest.mark.anyio
 
@@ -22,6 +22,15 @@ def test_request_ids_are_uuid4_hex() -> None:
     ids = {new_request_id() for _ in range(1000)}
     assert len(ids) == 1000
     for rid in list(ids)[:50]:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and parsed.hex == rid
+
+
+def test_batched_request_ids_are_unique_uuid4_hex_across_batches() -> None:
+    ids = request_ids(batch=7)
+    taken = [next(ids) for _ in range(7 * 30)]
+    assert len(set(taken)) == len(taken)
+    for rid in taken[5:9]:  # both sides of a batch boundary
         parsed = uuid.UUID(hex=rid)
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and parsed.hex == rid
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.cards import TensorSpec
 from service.errors import InvalidInput
 from service.protocol_v2 import (
     OutputRequest,
+    V2Request,
+    _decode_common,
+    _decode_general,
     decode_request,
     encode_response,
     parse_header_length,
@@ -127,3 +133,67 @@ def test_all_json_response_has_no_length() -> None:
         outputs={"y": np.zeros((1, 2), np.float32)}, requested=(OutputRequest("y", False),),
     )  # fmt: skip
     assert length is None and json.loads(body)["outputs"][0]["data"] == [0.0, 0.0]
+
+
+# The usual request's shortcut (`_decode_common`) must answer exactly what the general path
+# answers: the same arrays, or the same error message. Requests are drawn around the usual one,
+# with every field sometimes wrong.
+ONE = Signature(
+    inputs={"x": TensorSpec(name="x", datatype="FP32", shape=[-1, 2])}, outputs=SIG.outputs
+)
+_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**63), 2**63 - 1),
+    st.sampled_from([1e39, -3.4e38, True, None, "1.5"]),
+)
+_tensors = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["x", "y"]),
+        "datatype": st.sampled_from(["FP32", "FP64", "INT64"]),
+        "shape": st.one_of(
+            st.lists(st.integers(-1, 3), min_size=1, max_size=3), st.just("2"), st.just([1.0, 2])
+        ),
+        "data": st.one_of(
+            st.lists(_values, max_size=6),
+            st.lists(st.lists(st.floats(-10, 10), min_size=2, max_size=2), max_size=3),
+            st.just("nope"),
+        ),
+    },
+    optional={"parameters": st.just({})},
+)
+_requests = st.fixed_dictionaries(
+    {"inputs": st.one_of(st.lists(_tensors, min_size=1, max_size=2), st.just([]))},
+    optional={"id": st.sampled_from(["r1", "", 7]), "outputs": st.just([{"name": "y"}])},
+)
+
+
+def _outcome(decode: Callable[[], V2Request | None]) -> object:
+    """What a decoder answered, comparably: the error message, or the decoded request."""
+    try:
+        request = decode()
+    except InvalidInput as exc:
+        return exc.message
+    if request is None:
+        return None
+    arrays = {
+        name: (array.dtype, array.shape, array.tolist()) for name, array in request.inputs.items()
+    }
+    return request.id, arrays, request.outputs
+
+
+@settings(max_examples=400, deadline=None)
+@given(_requests)
+def test_usual_request_shortcut_answers_as_the_general_path(request: dict[str, object]) -> None:
+    general = _outcome(lambda: _decode_general(request, memoryview(b""), None, ONE))
+    common = _outcome(lambda: _decode_common(request, ONE))
+    assert common is None or common == general  # None: not a usual request, no shortcut
+    assert _outcome(lambda: decode_request(json.dumps(request).encode(), None, ONE)) == general
+
+
+def test_usual_request_takes_the_shortcut() -> None:
+    request = {"id": "r", "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32",
+                                      "data": [1, 2]}]}  # fmt: skip
+    decoded = _decode_common(request, ONE)
+    assert decoded is not None and decoded.id == "r"
+    np.testing.assert_array_equal(decoded.inputs["x"], np.array([[1, 2]], np.float32))
+    assert _decode_common({**request, "outputs": [{"name": "y"}]}, ONE) is None

@@ -1,0 +1,92 @@
+"""Tensor checks against brute-force references: shapes, and the float range of JSON data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.cards import TensorSpec
+from service.errors import InvalidInput
+from service.tensors import array_from_data, check_shape
+
+FP32 = np.dtype(np.float32)
+FP64 = np.dtype(np.float64)
+FP32_MAX = float(np.finfo(np.float32).max)
+
+
+def _accepted(values: list[float], dtype: np.dtype[np.floating]) -> bool:
+    """The reference: every value finite and, as a float of `dtype`, still finite."""
+    limit = float(np.finfo(dtype).max)
+    return all(math.isfinite(v) and abs(v) <= limit for v in values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.sampled_from([FP32_MAX, -FP32_MAX, 3.4028236e38, 1e300, -0.0]),
+        ),
+        min_size=1,
+        max_size=70,
+    ),
+    st.sampled_from([FP32, FP64]),
+)
+def test_float_data_is_accepted_exactly_when_finite_and_in_range(
+    values: list[float], dtype: np.dtype[np.floating]
+) -> None:
+    try:
+        array = array_from_data("x", values, (len(values),), dtype)
+    except InvalidInput as exc:
+        assert not _accepted(values, dtype), exc.message
+        assert "not finite" in exc.message or "outside the" in exc.message
+    else:
+        assert _accepted(values, dtype)
+        np.testing.assert_array_equal(array, np.asarray(values, dtype=dtype))
+
+
+def test_many_large_in_range_values_pass_although_their_squares_overflow() -> None:
+    # The one-reduction shortcut fails for these (sum of squares > max**2): the exact check runs.
+    values = [3e38] * 64
+    assert array_from_data("x", values, (1, 64), FP32).shape == (1, 64)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([1.0, float("nan")], "not finite"),
+        ([float("-inf")], "not finite"),
+        ([1e39, -1e39], "outside the FP32 range"),
+    ],
+)
+def test_bad_float_data_is_named(values: list[float], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        array_from_data("x", values, (len(values),), FP32)
+
+
+SPEC = TensorSpec(name="x", datatype="FP32", shape=[-1, 3])
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([2, 3], None),
+        ([1, 4], r"does not match the model's \[-1, 3\]"),
+        ([3], "does not match"),
+        ([0, 3], "zero or negative dimension"),
+        ([-1, 3], "zero or negative dimension"),
+        ([1.0, 3], "must be a list of integers"),
+        ([True, 3], "must be a list of integers"),
+        ("2,3", "must be a list of integers"),
+    ],
+)
+def test_check_shape(shape: object, message: str | None) -> None:
+    if message is None:
+        assert check_shape("x", shape, SPEC) == (2, 3)
+        return
+    with pytest.raises(InvalidInput, match=message):
+        check_shape("x", shape, SPEC)
