@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Receive, Scope, Send
 
 from service import schemas
 from service.errors import NotReady
@@ -79,6 +80,11 @@ class ReplyResponse(Response):
     def __init__(self, reply: Reply) -> None:
         super().__init__(content=reply.body, status_code=reply.status)
         self.raw_headers = reply.headers
+        self.reply = reply
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+        self.reply.after()  # the request's bookkeeping, once the response is sent
 
 
 def _versioned(body: Any, version: str, status: int = 200) -> JsonResponse:

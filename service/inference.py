@@ -4,14 +4,16 @@
 
 It returns a `Reply` (status, raw headers, body) instead of writing to a socket so that the
 fast path can send it with two ASGI messages and the FastAPI route can wrap it in a Response.
-Later issues add the shadow decision and the non-blocking queue put after `run`.
+The request's bookkeeping (metrics, drift tap) is `Reply.after`, which each front door calls
+once the response is sent: the caller does not wait for it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
+from functools import partial
 from random import getrandbits
 from time import perf_counter
 from typing import Any
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 RawHeaders = list[tuple[bytes, bytes]]
+# (request id, version, inputs, outputs) of a successful prediction.
+Observer = Callable[[str, str, Mapping[str, Any], Mapping[str, Any]], None]
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
@@ -46,17 +50,34 @@ def new_request_id() -> str:
     return f"{(getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET:032x}"
 
 
+def request_ids(batch: int = 256) -> Iterator[str]:
+    """Endless `new_request_id()`s, made `batch` at a time.
+
+    One id made between two requests costs ~4 us of server CPU (its code is cold by then);
+    made in a batch, ~0.5 us each plus ~0.2 us to take one. Not thread-safe: one per event loop.
+    """
+    while True:
+        yield from [new_request_id() for _ in range(batch)]
+
+
 class ClientDisconnected(Exception):
     """The client went away before its body arrived; nothing is sent back."""
 
 
 @dataclass(slots=True)
 class Reply:
-    """An HTTP response ready to send: status, raw ASGI headers and body."""
+    """An HTTP response ready to send: status, raw ASGI headers and body; then `after()`.
+
+    `after` records the request (metrics, drift tap). A front door calls it right after sending
+    the response, with no await in between: no other request runs before it, and the caller
+    does not wait for it (~20 us of a ~250 us request here). The shadow and feedback observer
+    runs before the reply instead: it needs the request's trace span (service/tracing.py).
+    """
 
     status: int
     headers: RawHeaders
     body: bytes
+    after: Callable[[], None]
 
 
 async def read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
@@ -89,6 +110,11 @@ class Inference:
     def __init__(self, state: ServingState) -> None:
         self.state = state
         self.limit = state.settings.server.max_body_bytes
+        self.new_request_id = request_ids().__next__
+        # model -> drift input hook, set by the SLO runtime at startup (service/slo_runtime.py)
+        self.input_taps: Mapping[str, Callable[[dict[str, Any]], None]] = {}
+        # model -> shadow + feedback hook after a successful run, set by service/shadowing.py
+        self.observers: dict[str, Observer] = {}
 
     async def handle(
         self,
@@ -106,6 +132,8 @@ class Inference:
             request_id = None
         variant: Variant | None = None
         json_length: int | None = None
+        inputs: dict[str, Any] = {}
+        outputs: dict[str, Any] = {}
         try:
             self.state.check_version(model, version)
             router = self.state.router(model)
@@ -121,7 +149,8 @@ class Inference:
                     ),
                     variant.signature,
                 )
-                request_id = request.id or request_id or new_request_id()
+                request_id = request.id or request_id or self.new_request_id()
+                inputs = request.inputs
                 outputs = variant.session.run(request.inputs)
                 payload, json_length = protocol_v2.encode_response(
                     model_name=model,
@@ -143,7 +172,9 @@ class Inference:
             # A bug or a runtime failure, never the caller's input (that is InvalidInput).
             log.exception("inference failed: model=%s version=%s", model, version)
             status, payload = 500, error_body("internal error while running the model")
-        request_id = request_id or new_request_id()
+        request_id = request_id or self.new_request_id()
+        if status == 200 and variant is not None and (observe := self.observers.get(model)):
+            observe(request_id, variant.version, inputs, outputs)
         reply_headers: RawHeaders = [
             (b"content-type", JSON if json_length is None else OCTET_STREAM),
             (b"content-length", str(len(payload)).encode()),
@@ -152,9 +183,23 @@ class Inference:
         ]
         if json_length is not None:
             reply_headers.append((b"inference-header-content-length", str(json_length).encode()))
+        after = partial(self.record, protocol, model, variant, status, started, inputs)
+        return Reply(status, reply_headers, payload, after)
+
+    def record(
+        self,
+        protocol: str,
+        model: str,
+        variant: Variant | None,
+        status: int,
+        started: float,
+        inputs: dict[str, Any],
+    ) -> None:
+        """A request's bookkeeping once answered: metrics, drift tap (`started`: perf_counter)."""
         if variant is None:
             self.state.unrouted(model if model in self.state.versions else "").inc(protocol, status)
-        else:
-            variant.requests.inc(protocol, status)
-            variant.duration.observe(perf_counter() - started)
-        return Reply(status, reply_headers, payload)
+            return
+        if status == 200 and (tap := self.input_taps.get(model)):
+            tap(inputs)
+        variant.requests.inc(protocol, status)
+        variant.duration.observe(perf_counter() - started)

@@ -1,0 +1,118 @@
+"""Fidelity routes: ground-truth feedback in, the recent fidelity window out.
+
+    POST /v2/models/{m}/feedback   [{"id": ..., "label": ...}, ...] -> what was joined, and why not
+    GET  /v1/fidelity[?model=m]    per model: agreement, mean KL, ECE vs teacher and vs labels,
+                                   label accuracy of student and teacher, samples, P95 latency
+
+Both read the running `Shadowing` (service/shadowing.py); neither is on the inference hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+
+from service.endpoints import JsonResponse
+from service.errors import InvalidInput, NotReady
+from service.inference import read_body
+from service.shadowing import ModelMonitoring, Shadowing
+
+_FEEDBACK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "label"],
+                        "properties": {
+                            "id": {"type": "string", "description": "the request's id"},
+                            "label": {
+                                "description": "class index or class label; a list of them, one "
+                                "per row, for a multi-row request",
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+_NOT_A_LIST = 'expected a JSON array of {"id": "<request id>", "label": <class>} objects'
+
+
+def build_fidelity_router(shadowing: Shadowing) -> APIRouter:
+    """The feedback and fidelity routes, bound to one app's shadowing."""
+    api = APIRouter()
+    state = shadowing.state
+
+    def running(model: str) -> ModelMonitoring:
+        state.check_version(model, None)
+        monitoring = shadowing.model(model)
+        if monitoring is None:
+            raise NotReady(f"model {model!r} is loading; retry when /v2/health/ready says ready")
+        return monitoring
+
+    @api.post("/v2/models/{model}/feedback", tags=["v2"], openapi_extra=_FEEDBACK_BODY)
+    async def feedback(model: str, request: Request) -> JsonResponse:
+        """Join labels to recent predictions by request id. Unknown, expired, duplicate and
+        invalid ids are listed in the answer (200), not treated as errors."""
+        monitoring = running(model)
+        body = await read_body(
+            request.receive,
+            state.settings.server.max_body_bytes,
+            request.headers.get("content-length", "").encode() or None,
+        )
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"malformed JSON ({exc}); {_NOT_A_LIST}") from None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise InvalidInput(_NOT_A_LIST)
+        return JsonResponse(monitoring.feedback.apply_feedback(items))
+
+    @api.get("/v1/fidelity", tags=["monitoring"])
+    async def fidelity(model: str | None = None) -> JsonResponse:
+        """Fidelity over the recent window (`shadow.window_seconds`); null where no samples."""
+        names = [model] if model is not None else list(state.versions)
+        for name in names:
+            running(name)
+        shadowing.latency.sample()
+        return JsonResponse(
+            {
+                "window_seconds": state.settings.shadow.window_seconds,
+                "models": {name: _summary(shadowing, name) for name in names},
+            }
+        )
+
+    return api
+
+
+def _summary(shadowing: Shadowing, name: str) -> dict[str, Any]:
+    monitoring = shadowing.models[name]
+    summary = monitoring.window.summary()
+    summary.pop("window_seconds")
+    worker = monitoring.worker
+    return {
+        **summary,
+        "p95_latency_seconds": shadowing.latency.p95(name),
+        "shadow": {
+            "fraction": monitoring.shadow.fraction if worker else 0.0,
+            "teacher": f"{worker.teacher.name}:{worker.teacher.version}" if worker else None,
+            "queue_rows": worker.queue.rows if worker else 0,
+            "breaker": monitoring.breaker.state if monitoring.breaker else None,
+        },
+        "versions": {
+            version: _without_window(monitoring.window.summary(version))
+            for version in shadowing.state.versions[name]
+        },
+    }
+
+
+def _without_window(summary: dict[str, Any]) -> dict[str, Any]:
+    summary.pop("window_seconds")
+    return summary

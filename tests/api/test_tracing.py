@@ -1,0 +1,128 @@
+"""OpenTelemetry: the request span, its student-run child and the linked shadow comparison span,
+seen by the SDK's in-memory exporter; W3C traceparent in; tracing off leaves the path untouched."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry
+
+from service.app import create_app
+from service.inference import Inference
+from service.settings import Settings
+from service.tracing import provider_from_env, tracing_configured
+from tests.support.asgi import running
+from tests.support.fidelity_reference import DIGITS
+
+pytestmark = pytest.mark.anyio
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def settings() -> Settings:
+    return Settings.model_validate(
+        {
+            "server": {"warmup_runs": 1},
+            "models": [
+                {
+                    "name": "digits",
+                    "students": [{"version": "1", "card": DIGITS / "student-v1.card.json"}],
+                    "teacher": {"card": DIGITS / "teacher.card.json"},
+                    "traffic": {"shadow_fraction": 1.0},
+                }
+            ],
+        }
+    )
+
+
+async def test_request_span_student_child_and_linked_shadow_span() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(settings(), registry=CollectorRegistry(), tracer_provider=provider)
+    body = {
+        "id": "traced-1",
+        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": [1.0] * 128}],
+    }
+    async with running(app) as client:
+        r = await client.post(
+            "/v2/models/digits/infer",
+            json=body,
+            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+        )
+        assert r.status_code == 200
+        for _ in range(500):
+            if any(s.name == "kdgate.shadow.compare" for s in exporter.get_finished_spans()):
+                break
+            await asyncio.sleep(0.01)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    request, run, compare = (
+        spans["kdgate.infer"],
+        spans["kdgate.student.run"],
+        spans["kdgate.shadow.compare"],
+    )
+    # The request continues the caller's trace (W3C traceparent).
+    assert request.kind == SpanKind.SERVER
+    assert f"{request.context.trace_id:032x}" == TRACE_ID
+    assert request.parent is not None and f"{request.parent.span_id:016x}" == PARENT_ID
+    assert request.attributes is not None
+    assert request.attributes["kdgate.model"] == "digits"
+    assert request.attributes["kdgate.version"] == "1"
+    assert request.attributes["http.response.status_code"] == 200
+    # The student run is its child.
+    assert run.parent is not None and run.parent.span_id == request.context.span_id
+    assert run.attributes == {"kdgate.model": "digits", "kdgate.version": "1"}
+    # The comparison is its own trace, linked to the request it compared.
+    assert compare.parent is None
+    assert [link.context.span_id for link in compare.links] == [request.context.span_id]
+    assert compare.attributes is not None
+    assert compare.attributes["kdgate.model"] == "digits"
+    assert tuple(compare.attributes["kdgate.versions"]) == ("1",)
+    assert compare.attributes["kdgate.shadow.rows"] == 2
+
+
+async def test_tracing_off_wraps_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    app = create_app(settings(), registry=CollectorRegistry())
+    async with running(app):
+        assert "handle" not in vars(app.inference)
+        assert app.inference.handle.__func__ is Inference.handle  # type: ignore[attr-defined]
+        session = app.serving.routers["digits"].default.session
+        assert "run" not in vars(session)
+
+
+@pytest.mark.parametrize(
+    ("environ", "on"),
+    [
+        ({}, False),
+        ({"OTEL_SERVICE_NAME": "x"}, False),
+        ({"OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, False),
+    ],
+)
+def test_tracing_is_on_only_when_otel_variables_configure_it(
+    environ: dict[str, str], on: bool
+) -> None:
+    assert tracing_configured(environ) is on
+
+
+def test_unsupported_exporters_are_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported"):
+        provider_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(ValueError, match="http/protobuf"):
+        provider_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    provider = provider_from_env({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "gw"})
+    try:
+        assert provider.resource.attributes["service.name"] == "gw"  # type: ignore[attr-defined]
+    finally:
+        provider.shutdown()  # type: ignore[attr-defined]
