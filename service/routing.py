@@ -4,6 +4,11 @@ A `Variant` is one loaded student version with its metric children pre-bound (`.
 every request costs more than the counter increment itself). A `Router` holds a model's variants
 and picks one per request: the version named in the URL if any, else by the traffic weights,
 hashing the sticky header when the caller sends one so a caller keeps its variant.
+
+A Router never changes once built. A traffic change (service/traffic.py) builds a new Router and
+assigns it to `ServingState.routers[model]` in one step, so a request sees the old split or the
+new one, never half of each, and the request path takes no lock. `shadow_fraction` travels with
+the Router for the same reason: the shadow decision reads `router.shadow_fraction`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from prometheus_client.metrics import Counter, Histogram
 from monitoring.metrics import Metrics
 from service.errors import ModelNotFound
 from service.runtime import StudentSession
+from service.settings import TrafficSettings
 from service.tensors import Signature
 
 PROTOCOLS = ("v2", "v1")
@@ -61,7 +67,7 @@ class Variant:
 
 
 class Router:
-    """A model's variants and the traffic split between them."""
+    """A model's variants and the traffic split between them (immutable: replace, never edit)."""
 
     def __init__(
         self,
@@ -69,18 +75,42 @@ class Router:
         variants: Mapping[str, Variant],
         weights: Mapping[str, int],
         sticky_header: str,
+        shadow_fraction: float = 0.0,
     ) -> None:
         unknown = set(weights) - set(variants)
         if unknown or sum(weights.values()) != _SLOTS:
             raise ValueError(f"weights {dict(weights)} must sum to 100 over {list(variants)}")
         self.model = model
         self.variants = dict(variants)
-        self.weights = dict(weights)
+        # Every variant has a weight (0 for those only reachable by an explicit version).
+        self.weights = {version: int(weights.get(version, 0)) for version in self.variants}
         self.sticky_header = sticky_header.lower().encode()
+        self.shadow_fraction = shadow_fraction
+        # Slots follow the variants' order, not the order of `weights`: resending the same split
+        # with its keys reordered moves no sticky caller, and with two versions, raising the
+        # weight of the later (canary) one only moves callers to it, never away from it.
         self._slots: list[Variant] = [
-            self.variants[version] for version, w in weights.items() for _ in range(w)
+            variant
+            for version, variant in self.variants.items()
+            for _ in range(self.weights[version])
         ]
         self._only = self._slots[0] if len(set(map(id, self._slots))) == 1 else None
+
+    @classmethod
+    def from_traffic(
+        cls, model: str, variants: Mapping[str, Variant], traffic: TrafficSettings
+    ) -> Router:
+        """A router for a model's `traffic` settings (weights, sticky header, shadow fraction)."""
+        return cls(model, variants, traffic.weights, traffic.sticky_header, traffic.shadow_fraction)
+
+    @property
+    def traffic(self) -> TrafficSettings:
+        """The split this router applies, as the model's `traffic` object (all versions listed)."""
+        return TrafficSettings(
+            weights=self.weights,
+            sticky_header=self.sticky_header.decode(),
+            shadow_fraction=self.shadow_fraction,
+        )
 
     @property
     def signature(self) -> Signature:

@@ -61,9 +61,7 @@ class ServingState:
                 raise ValueError(f"model {model.name!r}: students disagree on the signature")
             for variant in variants.values():
                 variant.session.warm_up(server.warmup_runs)
-            routers[model.name] = Router(
-                model.name, variants, model.traffic.weights, model.traffic.sticky_header
-            )
+            routers[model.name] = Router.from_traffic(model.name, variants, model.traffic)
         self.routers = routers
         self.ready = True
 

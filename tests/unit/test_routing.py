@@ -12,6 +12,7 @@ from monitoring.metrics import Metrics
 from service.errors import ModelNotFound
 from service.routing import Router, Variant
 from service.runtime import StudentSession
+from service.settings import TrafficSettings
 from tests.support.tiny_model import write_tiny_student
 
 
@@ -52,3 +53,40 @@ def test_explicit_version_and_unknown_version(session: StudentSession) -> None:
 def test_weights_must_cover_100_percent(session: StudentSession) -> None:
     with pytest.raises(ValueError, match="sum to 100"):
         router(session, {"1": 40})
+
+
+def test_traffic_object_lists_every_version_and_carries_the_shadow_fraction(
+    session: StudentSession,
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    variants = {v: Variant("digits", session, v, metrics) for v in ("1", "2", "3")}
+    traffic = TrafficSettings(weights={"2": 100}, sticky_header="X-Key", shadow_fraction=0.25)
+    r = Router.from_traffic("digits", variants, traffic)
+    assert r.shadow_fraction == 0.25 and r.sticky_header == b"x-key"
+    assert r.traffic == TrafficSettings(
+        weights={"1": 0, "2": 100, "3": 0}, sticky_header="x-key", shadow_fraction=0.25
+    )
+    assert r.default.version == "2"
+
+
+def test_sticky_assignment_ignores_the_order_of_the_weights(session: StudentSession) -> None:
+    keys = [f"user-{i}".encode() for i in range(500)]
+    one = router(session, {"1": 60, "2": 40})
+    metrics = Metrics(CollectorRegistry())
+    variants = {v: Variant("digits", session, v, metrics) for v in ("1", "2")}
+    other = Router("digits", variants, {"2": 40, "1": 60}, "x-key")
+    assert [one.pick(k).version for k in keys] == [other.pick(k).version for k in keys]
+
+
+@pytest.mark.parametrize(("low", "high"), [(1, 5), (5, 50), (10, 90), (50, 100)])
+def test_raising_the_canary_weight_only_moves_callers_onto_it(
+    session: StudentSession, low: int, high: int
+) -> None:
+    keys = [f"user-{i}".encode() for i in range(3000)]
+    before = router(session, {"1": 100 - low, "2": low})
+    after = router(session, {"1": 100 - high, "2": high})
+    moved = [(before.pick(k).version, after.pick(k).version) for k in keys]
+    assert ("2", "1") not in moved
+    share = sum(a == "2" for _, a in moved) / len(keys)
+    # crc32 of distinct keys spreads over the 100 slots: the share is near the weight.
+    assert abs(share - high / 100) < 0.04

@@ -1,0 +1,119 @@
+"""The admin API: traffic splits and student versions of each model, at run time.
+
+    GET    /admin/models/{m}/traffic             the model's `traffic` object
+    PUT    /admin/models/{m}/traffic             change weights / sticky_header / shadow_fraction
+    POST   /admin/models/{m}/traffic/promote     {"version": v}: v gets 100%
+    POST   /admin/models/{m}/traffic/rollback    back to the weights before the last change
+    GET    /admin/models/{m}/versions            loaded versions: weight, card, sha256
+    POST   /admin/models/{m}/versions            {"card": path[, "version": v]}: load, verify, warm
+    DELETE /admin/models/{m}/versions/{v}        stop routing to v, wait for its requests
+
+Every route needs `Authorization: Bearer <admin.token>`: none or malformed -> 401, another
+token -> 403 (constant-time compare). While `admin.token` is null the routes answer 404 saying
+the admin API is off. service/traffic.py applies, saves and audits the changes.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see `Who` (built around the closure
+# `caller`) as a real object, which a string annotation naming a local cannot give it.
+import hashlib
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from service.auth import check_bearer
+from service.endpoints import JsonResponse
+from service.settings import Settings
+from service.traffic import Caller, TrafficControl
+
+ADMIN_OFF = "the admin API is off: set admin.token (KDGATE_ADMIN__TOKEN) to turn it on"
+
+
+class TrafficChange(BaseModel):
+    """PUT body: the fields of the `traffic` object to change; those left out keep their value."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    weights: dict[str, int] | None = Field(
+        default=None, description="percent per version, summing to 100; versions left out get 0"
+    )
+    sticky_header: str | None = None
+    shadow_fraction: float | None = None
+
+
+class Promotion(BaseModel):
+    """POST .../traffic/promote body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: str
+
+
+class NewVersion(BaseModel):
+    """POST .../versions body: a model card path on the server (its ONNX file beside it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    card: str = Field(min_length=1, description="card path; relative to the server's cwd")
+    version: str | None = Field(default=None, description="default: the card's version")
+
+
+def token_fingerprint(token: str) -> str:
+    """A short, non-reversible name for a token, for audit lines."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def build_admin_router(settings: Settings, control: TrafficControl) -> APIRouter:
+    """The /admin routes, bound to one app's settings and traffic control."""
+
+    async def caller(request: Request) -> Caller:
+        token = settings.admin.token
+        if token is None:
+            raise HTTPException(404, ADMIN_OFF)
+        check_bearer(request.headers.get("authorization"), token)
+        address = request.client.host if request.client else "unknown"
+        return Caller(token_fingerprint(token.get_secret_value()), address)
+
+    Who = Annotated[Caller, Depends(caller)]
+    api = APIRouter(prefix="/admin/models/{model}", tags=["admin"])
+
+    @api.get("/traffic")
+    async def get_traffic(model: str, _: Who) -> JsonResponse:
+        """The model's `traffic` object: weights of every loaded version, header, fraction."""
+        return JsonResponse(control.state.router(model).traffic.model_dump())
+
+    @api.put("/traffic")
+    async def put_traffic(model: str, change: TrafficChange, who: Who) -> JsonResponse:
+        """Change the split; validated (400 says why), saved, then applied in one swap."""
+        changes = change.model_dump(exclude_unset=True)
+        return JsonResponse((await control.set_traffic(model, changes, who)).model_dump())
+
+    @api.post("/traffic/promote")
+    async def promote(model: str, body: Promotion, who: Who) -> JsonResponse:
+        """Send 100% of the split to one loaded version."""
+        return JsonResponse((await control.promote(model, body.version, who)).model_dump())
+
+    @api.post("/traffic/rollback")
+    async def rollback(model: str, who: Who) -> JsonResponse:
+        """Restore the weights in force before the last weight change."""
+        return JsonResponse((await control.rollback(model, who)).model_dump())
+
+    @api.get("/versions")
+    async def versions(model: str, _: Who) -> JsonResponse:
+        """Loaded versions with weight, card path and sha256, and the previous weights."""
+        return JsonResponse(control.versions(model))
+
+    @api.post("/versions", status_code=201)
+    async def load_version(model: str, body: NewVersion, who: Who) -> JsonResponse:
+        """Load a version from its card (sha256 verified, warmed up); it starts at weight 0."""
+        loaded = await control.load_version(model, Path(body.card), body.version, who)
+        return JsonResponse(loaded, status_code=201)
+
+    @api.delete("/versions/{version}")
+    async def remove_version(model: str, version: str, who: Who) -> JsonResponse:
+        """Remove a version with weight 0 once the requests it is serving have finished."""
+        return JsonResponse(await control.remove_version(model, version, who))
+
+    return api
