@@ -1,7 +1,7 @@
 """Input drift: the last N inputs against the reference sample, with Evidently 0.7.
 
     buffer = InputBuffer(capacity=config.window_rows, width=64)
-    buffer.append(rows)                        # hot or shadow path: never waits, may drop
+    buffer.append(rows)                        # request path: O(1), no lock, no copy
     job = DriftJob("digits", buffer, load_reference(path), config, metrics,
                    on_result=monitor.observe_drift)
     task = asyncio.create_task(job.run(stop))  # every `every_seconds`, in a worker thread
@@ -35,9 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -60,9 +60,12 @@ PSI_MAX_CATEGORIES = 20  # Evidently bins by value up to 20 distinct reference v
 class DriftConfig(BaseModel):
     """The `drift:` section: what the drift job compares, how, and how often."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    reference_file: str = Field(
+        default="reference.npz", description="beside the student's card, or an absolute path"
+    )
     method: str = Field(default="wasserstein", description="Evidently stattest name")
     threshold: float | None = Field(default=None, gt=0, description="None = method default")
     window_rows: int = Field(default=1000, ge=10, description="last N inputs compared")
@@ -73,6 +76,9 @@ class DriftConfig(BaseModel):
         default="summary", description="columns: add per-column ValueDrift (about 4x slower)"
     )
     reference_key: str = "inputs"
+    executor: Literal["process", "thread"] = Field(
+        default="process", description="process: a child process, off the event loop's GIL"
+    )
 
 
 @dataclass(frozen=True)
@@ -92,47 +98,44 @@ class DriftResult:
 class InputBuffer:
     """The last `capacity` input rows (float32, `width` columns), for the drift job.
 
-    `append` never blocks: if a snapshot holds the lock at that instant the rows are dropped
-    and counted in `dropped` (drift is a statistical view; a few missing rows change nothing).
+    `append` runs on the request path, so it is O(1) and takes no lock: it keeps a reference to
+    the caller's array (which must not change afterwards; decoded request inputs never do) in a
+    deque of at most `capacity` entries, and `snapshot` copies the newest `capacity` rows out.
+    A batch larger than `capacity` is trimmed (copied) on append, so memory stays below
+    `capacity` entries of at most `capacity` rows each.
     """
 
     def __init__(self, capacity: int, width: int) -> None:
-        self._rows = np.zeros((capacity, width), dtype=np.float32)
-        self._next = 0
-        self._filled = 0
-        self._lock = threading.Lock()
-        self.dropped = 0
+        self.capacity = capacity
+        self.width = width
+        # deque.append is atomic: the event loop appends while a worker thread snapshots.
+        self._entries: deque[npt.NDArray[np.float32]] = deque(maxlen=capacity)
 
     def append(self, rows: npt.ArrayLike) -> None:
         """Add rows ([n, width] or [width]); keeps the newest `capacity` rows."""
-        batch = np.asarray(rows, dtype=np.float32).reshape(-1, self._rows.shape[1])
-        if not self._lock.acquire(blocking=False):
-            self.dropped += len(batch)
-            return
-        try:
-            capacity = len(self._rows)
-            batch = batch[-capacity:]
-            end = self._next + len(batch)
-            if end <= capacity:
-                self._rows[self._next : end] = batch
-            else:
-                split = capacity - self._next
-                self._rows[self._next :] = batch[:split]
-                self._rows[: end - capacity] = batch[split:]
-            self._next = end % capacity
-            self._filled = min(self._filled + len(batch), capacity)
-        finally:
-            self._lock.release()
+        batch = np.asarray(rows, dtype=np.float32)
+        if batch.ndim != 2:
+            batch = batch.reshape(-1, self.width)
+        if len(batch) > self.capacity:
+            batch = batch[-self.capacity :].copy()  # no view pinning a huge request body
+        self._entries.append(batch)
+
+    def _recent(self) -> list[npt.NDArray[np.float32]]:
+        while True:
+            try:
+                return list(self._entries)
+            except RuntimeError:  # "deque mutated during iteration": an append raced; retry
+                continue
 
     def snapshot(self) -> npt.NDArray[np.float32]:
-        """A copy of the buffered rows, oldest first."""
-        with self._lock:
-            if self._filled < len(self._rows):
-                return self._rows[: self._filled].copy()
-            return np.concatenate([self._rows[self._next :], self._rows[: self._next]])
+        """A copy of the newest `capacity` rows, oldest first."""
+        entries = self._recent()
+        if not entries:
+            return np.zeros((0, self.width), dtype=np.float32)
+        return np.concatenate(entries)[-self.capacity :]
 
     def __len__(self) -> int:
-        return self._filled
+        return min(sum(len(e) for e in self._recent()), self.capacity)
 
 
 def load_reference(path: Path | str, key: str = "inputs") -> npt.NDArray[np.float32]:

@@ -113,3 +113,9 @@ class Metrics:
             ["model", "outcome"],
             registry=registry,
         )
+        self.traffic_weight = Gauge(
+            "kdgate_traffic_weight",
+            "Percent (0-100) of a model's split-routed requests sent to a student version.",
+            ["model", "version"],
+            registry=registry,
+        )

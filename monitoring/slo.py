@@ -37,10 +37,11 @@ KL_HEADROOM_FACTOR = 2.0
 ECE_HEADROOM_FACTOR = 2.0
 AGREEMENT_HEADROOM_POINTS = 0.02
 
-# Card metric names read by `objectives_for` (first match wins); `distill/` writes the first.
+# Card metric names read by `objectives_for` (first match wins); `distill/` writes `agreement`,
+# `kl_mean_nats` and `ece` (models/digits/student-v1.card.json).
 CARD_KEYS: dict[str, tuple[str, ...]] = {
     "agreement": ("agreement", "top1_agreement", "agreement_with_teacher"),
-    "kl_mean": ("mean_kl", "kl_mean", "mean_kl_nats", "kl_mean_nats"),
+    "kl_mean": ("kl_mean_nats", "mean_kl", "kl_mean", "mean_kl_nats"),
     "ece_label": ("ece", "ece_label", "student_ece"),
     "ece_teacher": ("ece_teacher", "ece_vs_teacher"),
 }
@@ -49,7 +50,7 @@ CARD_KEYS: dict[str, tuple[str, ...]] = {
 class SloOverrides(BaseModel):
     """Per-model objective overrides; unset fields fall back to the global `SloConfig` value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     agreement_min: float | None = Field(default=None, ge=0, le=1)
     kl_mean_max: float | None = Field(default=None, gt=0)
@@ -108,13 +109,19 @@ class Breach(TypedDict):
     samples: int
 
 
-def _card_figure(card_metrics: Mapping[str, Any], slo: str) -> float | None:
-    """The card's measured figure for `slo`, looked up flat or under validation/test sections."""
-    sections = [card_metrics] + [
+def card_figure(card_metrics: Mapping[str, Any], slo: str) -> float | None:
+    """The card's measured figure for `slo`: the validation section's first, else flat or test.
+
+    Objectives follow the validation split (what the model was selected on); `distill/` writes
+    the test figures flat (`metrics.split == "test"`) and the validation ones under `validation`.
+    """
+    sections = [
         card_metrics[name]
-        for name in ("validation", "val", "test")
+        for name in ("validation", "val")
         if isinstance(card_metrics.get(name), Mapping)
-    ]
+    ] + [card_metrics]
+    if isinstance(card_metrics.get("test"), Mapping):
+        sections.append(card_metrics["test"])
     for section in sections:
         for key in CARD_KEYS.get(slo, ()):
             value = section.get(key)
@@ -153,7 +160,7 @@ def objectives_for(
         elif key in explicit or (slo == "ece_label" and "ece_max" in explicit):
             source = "config"
         elif config.derive_from_card:
-            objective, source = _from_card(slo, value, _card_figure(model_card_metrics, slo))
+            objective, source = _from_card(slo, value, card_figure(model_card_metrics, slo))
         objectives.append(
             Objective(slo, kind, objective, config.window_seconds, config.min_samples, source)
         )

@@ -139,6 +139,10 @@ class Monitor:
         self._latency = {m: window(_LATENCY_WIDTH) for m in self._objectives}
         self._drift: dict[str, tuple[float, float, int]] = {}  # model -> (time, share, rows)
         self._states = {(m, o.slo): _State() for m, objs in self._objectives.items() for o in objs}
+        # Every SLO has a series from the start (0 = not breached), so a dashboard shows the
+        # status of SLOs still waiting for data instead of an empty panel.
+        for model, slo in self._states:
+            metrics.slo_breached.labels(model=model, slo=slo).set(0)
         self._last: dict[tuple[str, str, str, int], float] = {}
 
     # -- observations -------------------------------------------------------------------------

@@ -34,10 +34,11 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from monitoring.metrics import Metrics
 from monitoring.outbox import Outbox, OutboxEntry
@@ -47,7 +48,9 @@ log = logging.getLogger(__name__)
 EVENT_TYPE = "kdgate.retrain.requested"
 SIGNATURE_VERSION = "v1"
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks prefix, not a secret
-_PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "password", "xxx", "todo"}
+_PLACEHOLDER_SECRETS = {
+    "", "changeme", "change-me", "change_me", "secret", "password", "placeholder", "xxx", "todo",
+}  # fmt: skip
 
 
 class WebhookConfig(BaseModel):
@@ -56,10 +59,13 @@ class WebhookConfig(BaseModel):
     `secret` is a `SecretStr`: its repr and str are masked, so logging the config is safe.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str | None = None
     secret: SecretStr | None = None
+    outbox_path: Path = Field(
+        default=Path("state/outbox.sqlite3"), description="SQLite outbox; relative to the cwd"
+    )
     cooldown_seconds: float = Field(default=3600, ge=0, description="per model and SLO")
     backoff_base_seconds: float = Field(default=1.0, gt=0)
     backoff_cap_seconds: float = Field(default=300.0, gt=0)
@@ -77,6 +83,12 @@ class WebhookConfig(BaseModel):
             raise ValueError("webhook secret is a placeholder; set a real one or leave it unset")
         signing_key(value)  # a malformed whsec_ secret fails at startup, not at first delivery
         return secret
+
+    @model_validator(mode="after")
+    def _signed(self) -> Self:
+        if self.url is not None and self.secret is None:
+            raise ValueError("webhook.url is set but webhook.secret is not: deliveries are signed")
+        return self
 
 
 def signing_key(secret: str) -> bytes:

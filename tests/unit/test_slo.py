@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from monitoring.slo import SloConfig, objectives_for
+from monitoring.slo import SloConfig, card_figure, objectives_for
+from service.settings import default_models_dir
 
 
 def by_slo(objectives):
@@ -84,3 +87,20 @@ def test_objective_met() -> None:
     objectives = by_slo(objectives_for({}, SloConfig()))
     assert objectives["agreement"].met(0.95) and not objectives["agreement"].met(0.94)
     assert objectives["kl_mean"].met(0.05) and not objectives["kl_mean"].met(0.051)
+
+
+def test_the_real_student_card_is_read_from_its_validation_section() -> None:
+    card = json.loads((default_models_dir() / "digits" / "student-v1.card.json").read_text())
+    validation = card["metrics"]["validation"]
+    assert card_figure(card["metrics"], "kl_mean") == validation["kl_mean_nats"]
+    assert card_figure(card["metrics"], "agreement") == validation["agreement"]
+    assert card_figure(card["metrics"], "ece_label") == validation["ece"]
+    assert validation["kl_mean_nats"] != card["metrics"]["kl_mean_nats"]  # not the test split
+    # The default pair meets every default on validation data: nothing is relaxed.
+    objectives = by_slo(objectives_for(card["metrics"], SloConfig(), "digits"))
+    assert {o.source for o in objectives.values()} == {"default"}
+    # Had validation missed the default (the test split meeting it), validation decides.
+    worse = {**card["metrics"], "validation": {**validation, "kl_mean_nats": 0.08}}
+    derived = by_slo(objectives_for(worse, SloConfig(), "digits"))["kl_mean"]
+    assert derived.objective == pytest.approx(0.16)
+    assert derived.source.startswith("model card (headroom x2")

@@ -113,6 +113,13 @@ def test_flapping_below_k_never_breaches(setup) -> None:
     assert breached(metrics, "agreement") == 0
 
 
+def test_every_slo_is_exported_as_not_breached_before_any_data(setup) -> None:
+    monitor, metrics, _, _ = setup
+    slos = [row["slo"] for row in monitor.status()]
+    assert "agreement" in slos
+    assert [breached(metrics, slo) for slo in slos] == [0.0] * len(slos)
+
+
 def test_thin_window_is_ignored(setup) -> None:
     monitor, _, clock, calls = setup
     for _ in range(20):

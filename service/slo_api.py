@@ -1,0 +1,93 @@
+"""HTTP endpoints of the SLO runtime: status, the drift report, and the Alertmanager hook.
+
+    GET  /v1/slo                   per model and SLO: status, observed, samples, objective source
+    GET  /v1/reports/drift         the latest Evidently HTML report (?model=, default the first;
+                                   404 until the first drift run)
+    POST /v1/hooks/alertmanager    Alertmanager v4 webhook -> retrain requests in the outbox
+
+The hook takes the admin bearer token (`admin.token`; the hook is off, 404, while it is null):
+no or malformed `Authorization` -> 401, another token -> 403. Firing alerts become outbox
+entries deduplicated by fingerprint + `startsAt`; resolved alerts are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from starlette.exceptions import HTTPException
+
+from monitoring.alertmanager import retrain_requests
+from service.auth import check_bearer
+from service.endpoints import JsonResponse
+from service.errors import InvalidInput, ModelNotFound, NotReady
+from service.settings import Settings
+from service.slo_runtime import SloRuntime
+
+
+def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:
+    """The three routes, bound to one app's settings and SLO runtime."""
+    api = APIRouter(tags=["monitoring"])
+    default_model = settings.models[0].name
+
+    @api.get("/v1/slo")
+    async def slo_status() -> JsonResponse:
+        """Per model and SLO: status, observed, objective, kind, source, samples, window."""
+        if runtime.monitor is None:
+            raise NotReady("the SLO monitor is starting")
+        return JsonResponse({"slos": runtime.monitor.status()})
+
+    @api.get("/v1/reports/drift", response_class=Response)
+    async def drift_report(model: str | None = None) -> Response:
+        """The latest Evidently drift report of `model` as HTML (503 before the first run)."""
+        name = model or default_model
+        if name not in {m.name for m in settings.models}:
+            raise ModelNotFound(f"unknown model {name!r}")
+        job = runtime.drift_jobs.get(name)
+        if job is None:
+            raise HTTPException(404, f"drift is off for {name!r} (drift.enabled, or no reference)")
+        html = job.latest_html
+        if html is None:
+            # 404, not 503: the server is fine, the report does not exist yet.
+            drift = settings.drift
+            raise HTTPException(
+                404,
+                f"no drift report for {name!r} yet: runs need {drift.min_rows} inputs and "
+                f"happen every {drift.every_seconds:g} s",
+            )
+        return Response(html, media_type="text/html; charset=utf-8")
+
+    @api.post("/v1/hooks/alertmanager")
+    async def alertmanager_hook(request: Request) -> JsonResponse:
+        """Queue one retrain request per new firing alert (fingerprint + startsAt)."""
+        token = settings.admin.token
+        if token is None:
+            raise HTTPException(404, "the Alertmanager hook is off: set admin.token")
+        check_bearer(request.headers.get("authorization"), token)
+        outbox = await asyncio.to_thread(runtime.hook_outbox)
+        try:
+            payload = orjson.loads(await request.body())
+            if not isinstance(payload, dict):
+                raise ValueError("the body must be a JSON object")
+            requests = retrain_requests(payload)
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+            raise InvalidInput(f"not an Alertmanager v4 webhook body: {exc}") from None
+        queued = []
+        for item in requests:
+            entry = await asyncio.to_thread(
+                outbox.enqueue,
+                item.payload,
+                dedup_key=item.dedup_key,
+                model=item.model,
+                slo=item.slo,
+            )
+            if entry is not None:
+                queued.append(entry)
+        if queued:
+            runtime.wake_notifier()
+        return JsonResponse(
+            {"queued": queued, "duplicates": len(requests) - len(queued)}, status_code=202
+        )
+
+    return api

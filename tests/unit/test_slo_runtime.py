@@ -1,0 +1,79 @@
+"""service/slo_runtime.py: objectives per model, the drift reference, the request-path tap."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitoring.drift import InputBuffer
+from monitoring.slo import SloConfig, objectives_for
+from service.settings import Settings, default_models_dir, load_settings
+from service.slo_runtime import _tap, loosest, model_objectives, reference_path
+
+
+def test_default_pair_keeps_every_default_objective() -> None:
+    ((name, objectives),) = model_objectives(Settings()).items()
+    assert name == "digits"
+    assert [(o.slo, o.objective, o.source) for o in objectives] == [
+        (o.slo, o.objective, "default") for o in objectives_for({}, SloConfig())
+    ]
+
+
+def test_loosest_objective_across_student_cards() -> None:
+    strict = objectives_for({}, SloConfig())
+    lax = objectives_for({"kl_mean_nats": 0.2, "agreement": 0.9}, SloConfig())
+    chosen = {o.slo: o for o in loosest([strict, lax])}
+    assert chosen["kl_mean"].objective == pytest.approx(0.4)
+    assert chosen["agreement"].objective == pytest.approx(0.88)
+    assert chosen["p95_latency"].objective == 0.1
+
+
+def test_reference_is_beside_the_first_students_card() -> None:
+    (model,) = Settings().models
+    assert reference_path(model, "reference.npz") == default_models_dir() / "digits/reference.npz"
+    assert reference_path(model, "/abs/ref.npz") == Path("/abs/ref.npz")
+
+
+def test_tap_buffers_matching_matrices_only() -> None:
+    buffer = InputBuffer(8, 4)
+    tap = _tap(buffer, 4)
+    tap({"input": np.ones((3, 4), np.float32)})
+    tap({"input": np.ones((3, 5), np.float32)})  # another width: not this model's inputs
+    tap({"input": np.ones(4, np.float32)})  # not a matrix
+    assert len(buffer) == 3
+
+
+def test_tap_costs_microseconds() -> None:
+    """The hook runs on the hot path: a batch-1 append must stay far below a request (~100 us)."""
+    tap = _tap(InputBuffer(1000, 64), 64)
+    inputs = {"input": np.ones((1, 64), np.float32)}
+    runs = 20_000
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(runs):
+            tap(inputs)
+        best = min(best, (time.perf_counter() - started) / runs)
+    assert best < 8e-6, f"{best * 1e6:.2f} us per call"
+
+
+def test_webhook_secret_from_the_environment_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "s3cr3t-from-the-environment"
+    monkeypatch.setenv("KDGATE_WEBHOOK__URL", "http://127.0.0.1:9/hook")
+    monkeypatch.setenv("KDGATE_WEBHOOK__SECRET", secret)
+    settings = load_settings(environ={})
+    assert settings.webhook.secret is not None
+    assert settings.webhook.secret.get_secret_value() == secret
+    assert secret not in repr(settings) and secret not in str(settings)
+    assert secret not in settings.model_dump_json()
+
+
+def test_webhook_url_without_a_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDGATE_WEBHOOK__URL", "http://127.0.0.1:9/hook")
+    with pytest.raises(ValueError, match=r"webhook\.secret"):
+        load_settings(environ={})
