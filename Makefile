@@ -10,7 +10,7 @@ TYPECHECK := dashboards/typecheck
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test check lint typecheck bench distill sysdeps clean
+.PHONY: run test check lint typecheck bench distill stack sysdeps clean
 DIGIT := 0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0
 
 $(VENV)/.created:
@@ -55,6 +55,10 @@ check: lint typecheck test
 
 bench: $(VENV)/.dev sysdeps
 	$(PY) -m bench
+
+# The docker-compose stack without Docker, on 127.0.0.1 (stack/__main__.py); Ctrl-C stops it.
+stack: $(VENV)/.serve sysdeps
+	$(PY) -m stack
 
 distill: $(VENV)/.dev
 	$(VENV)/bin/kdgate distill --out models/digits

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,9 +27,11 @@ from starlette.types import Message, Receive, Scope, Send
 
 from monitoring.metrics import Metrics
 from service import schemas
+from service.admin import build_admin_router
 from service.endpoints import JsonResponse, build_router
 from service.errors import KdgateError
 from service.fastpath import match_infer
+from service.fidelity_api import build_fidelity_router
 from service.inference import (
     MODEL_VERSION,
     NO_VERSION,
@@ -40,7 +42,15 @@ from service.inference import (
 )
 from service.protocol_v2 import valid_request_id
 from service.settings import Settings
+from service.shadowing import Shadowing
+from service.slo_api import build_slo_router
+from service.slo_runtime import SloRuntime
 from service.state import ServingState, StudentLoader, load_student
+from service.traffic import TrafficControl
+from service.traffic_store import TrafficStore
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 
 class KdgateApp(FastAPI):
@@ -68,6 +78,7 @@ class KdgateApp(FastAPI):
                     }
                 )
                 await send({"type": "http.response.body", "body": reply.body})
+                reply.after()
                 return
             send = _with_identity_headers(scope, send)
         await super().__call__(scope, receive, send)
@@ -130,23 +141,35 @@ def create_app(
     registry: CollectorRegistry | None = None,
     student_loader: StudentLoader = load_student,
     fast_path: bool = True,
+    tracer_provider: TracerProvider | None = None,
 ) -> KdgateApp:
     """Build the kdgate ASGI app; models load (sha256 verified) and warm up in its lifespan.
 
     `registry` receives every metric (a fresh one when None); `student_loader` turns a student's
     settings into a session (tests inject slow or failing ones); `fast_path=False` serves the
-    infer endpoints through the FastAPI routes instead (same handler; for tests and benchmarks).
+    infer endpoints through the FastAPI routes instead (same handler; for tests and benchmarks);
+    `tracer_provider` turns tracing on with that provider (else only `OTEL_*` variables do).
     """
+    store = TrafficStore(settings.admin.state_dir)
+    settings = store.restore(settings)  # what /admin changed wins over the file (logged)
     state = ServingState(settings, Metrics(registry or CollectorRegistry()))
+    traffic = TrafficControl(state, student_loader, store)
+    slo = SloRuntime(settings, state.metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Reading files and building sessions blocks for a while: keep the loop free.
         await asyncio.to_thread(state.load, student_loader)
+        traffic.publish()
+        await shadowing.start()
+        await slo.start()
+        app.inference.input_taps = slo.input_taps
         try:
             yield
         finally:
             state.ready = False
+            await slo.stop()
+            await shadowing.stop()
 
     app = KdgateApp(
         state,
@@ -155,8 +178,13 @@ def create_app(
         summary="Open Inference Protocol V2 and KServe V1 serving for distilled students",
         lifespan=lifespan,
     )
+    shadowing = Shadowing(state, app.inference, tracer_provider=tracer_provider)
     app.add_exception_handler(KdgateError, _kdgate_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(build_router(state, app.inference))
+    app.include_router(build_fidelity_router(shadowing))
+    app.include_router(build_slo_router(settings, slo))
+    app.state.slo = slo
+    app.include_router(build_admin_router(settings, traffic))
     return app

@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from service.settings import load_settings
 
@@ -31,10 +33,40 @@ def serve(args: argparse.Namespace) -> int:
         lifespan="on",
         access_log=False,
         log_level=server.log_level,
+        log_config=log_config(server.log_level),
         timeout_graceful_shutdown=server.graceful_shutdown_seconds,
     )
     uvicorn.Server(config).run()
     return 0
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging config plus kdgate's loggers on its stderr handler.
+
+    Without this only uvicorn's own loggers have a handler, and kdgate's INFO lines (the admin
+    audit trail above all) would be dropped. `service.audit` logs at INFO whatever `level` is.
+    """
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    ours = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    config["loggers"].update(
+        {"service": ours, "monitoring": ours, "service.audit": {"level": "INFO"}}
+    )
+    return config
+
+
+def rules(argv: list[str]) -> int:
+    """`kdgate rules [--config FILE] [--out DIR | --stdout]`: Prometheus rules from `slo:`."""
+    from monitoring.rules import main_rules
+    from service.slo_runtime import model_objectives
+
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", type=Path)
+    known, _ = config.parse_known_args(argv)
+    settings = load_settings(known.config)
+    # The objectives the in-process monitor uses: config + each model's student cards.
+    return main_rules(argv, settings.slo, model_objectives(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "distill", help="train a student from the teacher (distill/)", add_help=False
     )
+    commands.add_parser("rules", help="render Prometheus SLO rules from `slo:`", add_help=False)
+    commands.add_parser("loadgen", help="send digits traffic, optionally drifted", add_help=False)
     return parser
 
 
@@ -60,6 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # distill/ pulls in torch: import it only when asked, and let it parse its own options.
         distill_cli = importlib.import_module("distill.cli")
         return int(distill_cli.main(args_list[1:]) or 0)
+    if args_list[:1] == ["rules"]:
+        return rules(args_list[1:])
+    if args_list[:1] == ["loadgen"]:
+        from service import loadgen
+
+        return loadgen.main(args_list[1:])
     args = build_parser().parse_args(args_list)
     return int(args.handler(args))
 

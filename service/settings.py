@@ -3,9 +3,11 @@
     Settings
     ├── server    ServerSettings     bind address, body limit, onnxruntime threads
     ├── models    [ModelSettings]    students (versions + cards), teacher, traffic split
-    ├── shadow    ShadowSettings     queue size, teacher batch size
-    ├── slo       SloSettings        fidelity and latency objectives
-    ├── webhook   WebhookSettings    retrain webhook URL and signing secret
+    ├── shadow    ShadowSettings     queue size, teacher batch size, capture, fidelity window
+    ├── feedback  FeedbackSettings   recent predictions kept for labels (size, TTL)
+    ├── slo       SloConfig          objectives, windows, hysteresis (monitoring/slo.py)
+    ├── drift     DriftConfig        input drift job (monitoring/drift.py)
+    ├── webhook   WebhookConfig      retrain webhook, signing secret, outbox (monitoring/webhook.py)
     └── admin     AdminSettings      bearer token for /admin (admin is off without one)
 
 Precedence: environment > YAML file > defaults. Nesting uses `__`
@@ -26,6 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 import service
+from monitoring.drift import DriftConfig
+from monitoring.recorder import TEACHER_VERSION
+from monitoring.slo import SloConfig
+from monitoring.webhook import WebhookConfig
 
 CONFIG_ENV_VAR = "KDGATE_CONFIG"
 
@@ -63,6 +69,21 @@ class StudentSettings(_Section):
     version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     card: Path
 
+    @field_validator("version")
+    @classmethod
+    def _not_teacher(cls, version: str) -> str:
+        # The teacher's label calibration is exported under version="teacher" (docs/metrics.md).
+        if version == TEACHER_VERSION:
+            raise ValueError(f"student version {version!r} is reserved for the teacher's series")
+        return version
+
+
+class BreakerSettings(_Section):
+    """Circuit breaker of the teacher calls: open after consecutive failures, probe later."""
+
+    failure_threshold: int = Field(default=5, ge=1)
+    cooldown_seconds: float = Field(default=10.0, ge=0.0)
+
 
 class TeacherSettings(_Section):
     """The teacher: a local card, or a remote Open Inference Protocol endpoint."""
@@ -70,6 +91,11 @@ class TeacherSettings(_Section):
     card: Path | None = None
     url: str | None = None
     model: str | None = None
+    model_version: str | None = None  # remote: pin this version on the teacher's server
+    timeout_seconds: float = Field(default=2.0, gt=0.0, description="per teacher call")
+    max_batch: int | None = Field(default=None, ge=1, description="rows per call; shadow.max_batch")
+    intra_op_threads: int = Field(default=1, ge=1, description="local teacher's onnxruntime pool")
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -84,7 +110,10 @@ class TrafficSettings(_Section):
     """Canary split between student versions, sticky routing and the shadow fraction."""
 
     weights: dict[str, int] = Field(default_factory=dict)
-    sticky_header: str = "x-kdgate-route-key"
+    # An HTTP header name (RFC 9110 token characters).
+    sticky_header: str = Field(
+        default="x-kdgate-route-key", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+    )
     shadow_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
 
     @field_validator("weights")
@@ -134,23 +163,37 @@ class ModelSettings(_Section):
         return self
 
 
+class CaptureSettings(_Section):
+    """On-disk capture of shadowed (input, teacher logits) pairs; off while `dir` is null."""
+
+    dir: Path | None = None  # one subdirectory per model; relative to the working directory
+    max_rows: int = Field(default=100_000, ge=1)
+    segment_rows: int = Field(default=4096, ge=1)
+    flush_seconds: float = Field(default=60.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _segments_fit(self) -> Self:
+        if self.segment_rows > self.max_rows:
+            raise ValueError("capture.segment_rows must not exceed capture.max_rows")
+        return self
+
+
 class ShadowSettings(_Section):
     """Shadow traffic to the teacher: bounded queue, batch size per teacher call."""
 
     queue_size: int = Field(default=4096, ge=1)
     max_batch: int = Field(default=64, ge=1)
+    linger_seconds: float = Field(default=0.01, ge=0.0, description="wait for rows after idle")
+    window_seconds: float = Field(default=300.0, ge=10.0, description="GET /v1/fidelity window")
+    stop_grace_seconds: float = Field(default=5.0, ge=0.0, description="drain time at shutdown")
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
 
 
-class SloSettings(_Section):
-    """Fidelity and latency objectives, each evaluated over `window_seconds`."""
+class FeedbackSettings(_Section):
+    """Recent predictions kept for `POST /v2/models/{m}/feedback`, per model."""
 
-    agreement_min: float = Field(default=0.95, ge=0.0, le=1.0)
-    kl_mean_max: float = Field(default=0.05, ge=0.0)
-    ece_max: float = Field(default=0.05, ge=0.0, le=1.0)
-    p95_latency_max_seconds: float = Field(default=0.1, gt=0.0)
-    drift_share_max: float = Field(default=0.5, ge=0.0, le=1.0)
-    window_seconds: float = Field(default=300.0, gt=0.0)
-    min_samples: int = Field(default=200, ge=1)
+    max_size: int = Field(default=50_000, ge=1, description="predictions held")
+    ttl_seconds: float = Field(default=3600.0, gt=0.0, description="how long labels may take")
 
 
 def _reject_placeholder(secret: SecretStr | None, what: str) -> SecretStr | None:
@@ -162,29 +205,13 @@ def _reject_placeholder(secret: SecretStr | None, what: str) -> SecretStr | None
     return secret
 
 
-class WebhookSettings(_Section):
-    """Retrain webhook (Standard Webhooks signing); off while `url` is null."""
-
-    url: str | None = None
-    secret: SecretStr | None = None
-    cooldown_seconds: float = Field(default=3600.0, ge=0.0)
-
-    @field_validator("secret")
-    @classmethod
-    def _real_secret(cls, secret: SecretStr | None) -> SecretStr | None:
-        return _reject_placeholder(secret, "webhook.secret")
-
-    @model_validator(mode="after")
-    def _signed(self) -> Self:
-        if self.url is not None and self.secret is None:
-            raise ValueError("webhook.url is set but webhook.secret is not: deliveries are signed")
-        return self
-
-
 class AdminSettings(_Section):
     """Admin API bearer token; the admin routes are off while it is null."""
 
     token: SecretStr | None = None
+    # Traffic changes made through /admin are kept in `<state_dir>/traffic.json` and restored
+    # at start (service/traffic_store.py); relative to the working directory.
+    state_dir: Path = Path("state")
 
     @field_validator("token")
     @classmethod
@@ -217,8 +244,10 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     models: list[ModelSettings] = Field(default_factory=default_model_list, min_length=1)
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
-    slo: SloSettings = Field(default_factory=SloSettings)
-    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    slo: SloConfig = Field(default_factory=SloConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     admin: AdminSettings = Field(default_factory=AdminSettings)
 
     @field_validator("models")

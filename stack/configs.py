@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+SLO_RULES = "kdgate-slo.rules.yml"  # what `kdgate rules` writes
 
 
 def write_prometheus_config(
@@ -27,12 +28,20 @@ def write_prometheus_config(
     teacher: str,
     alertmanager: str,
     interval: str = "1s",
+    slo_rules: Path | None = None,
 ) -> Path:
-    """deploy/prometheus/prometheus.yml with loopback targets, absolute rule paths, `interval`."""
+    """deploy/prometheus/prometheus.yml with loopback targets, absolute rule paths, `interval`.
+
+    `slo_rules` replaces the committed `kdgate rules` output (rules/kdgate-slo.rules.yml) with
+    another rendering, e.g. one with test-sized windows; every other rule file stays.
+    """
     config: dict[str, Any] = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"].update(scrape_interval=interval, evaluation_interval=interval)
     rules_dir = PROMETHEUS_CONFIG.parent
-    config["rule_files"] = [str(rules_dir / pattern) for pattern in config["rule_files"]]
+    files = sorted({p for pattern in config["rule_files"] for p in rules_dir.glob(pattern)})
+    if slo_rules is not None:
+        files = [f for f in files if f.name != SLO_RULES] + [slo_rules]
+    config["rule_files"] = [str(f) for f in files]
     config["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [alertmanager]}]
     targets = {"kdgate": gateway, "kdgate-teacher": teacher}
     for job in config["scrape_configs"]:

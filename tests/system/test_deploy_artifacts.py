@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.support.stack_configs import write_alertmanager_config, write_prometheus_config
+from stack.configs import write_alertmanager_config, write_prometheus_config
 
 pytestmark = pytest.mark.system
 

@@ -1,0 +1,1 @@
+"""The kdgate stack without Docker: gateway, teacher, Prometheus, Alertmanager, receiver."""
