@@ -58,7 +58,7 @@ bench: $(VENV)/.dev sysdeps
 
 # The docker-compose stack without Docker, on 127.0.0.1 (stack/__main__.py); Ctrl-C stops it.
 stack: $(VENV)/.serve sysdeps
-	$(PY) -m stack
+	$(PY) -m stack $(STACK_ARGS)
 
 distill: $(VENV)/.dev
 	$(VENV)/bin/kdgate distill --out models/digits

@@ -20,6 +20,8 @@ import onnxruntime as ort
 import orjson
 from numpy.typing import NDArray
 
+from monitoring.priority import lowest_thread_priority
+
 Logits = NDArray[np.float32]
 
 
@@ -77,7 +79,11 @@ class LocalOnnxTeacher:
         self._session = ort.InferenceSession(
             model, sess_options=options, providers=["CPUExecutionProvider"]
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{name}")
+        # The teacher thread runs at the lowest CPU priority: with one intra-op thread the model
+        # runs on it, and requests on the same core must not wait for a shadow comparison.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"teacher-{name}", initializer=lowest_thread_priority
+        )
 
     async def infer(self, batch: NDArray[np.float32]) -> Logits:
         """Logits float32 [N, C] for `batch` float32 [N, D], computed on the teacher thread."""

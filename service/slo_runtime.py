@@ -36,6 +36,7 @@ import numpy as np
 from monitoring.drift import DriftJob, InputBuffer, load_reference
 from monitoring.metrics import Metrics
 from monitoring.outbox import Outbox
+from monitoring.priority import lowest_process_priority
 from monitoring.slo import Breach, Objective, objectives_for
 from monitoring.slo_monitor import Monitor
 from monitoring.webhook import Notifier, retrain_payload
@@ -145,8 +146,13 @@ class SloRuntime:
         drift = self.settings.drift
         if drift.enabled and drift.executor == "process":
             # spawn, not fork: the parent runs threads (onnxruntime, uvicorn) that fork would
-            # copy in whatever state they are in. The child starts at the first run.
-            self._executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            # copy in whatever state they are in. The child starts at the first run, at the
+            # lowest CPU priority: on a core it shares with the gateway, requests come first.
+            self._executor = ProcessPoolExecutor(
+                1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=lowest_process_priority,
+            )
         if drift.enabled:
             for model in self.settings.models:
                 path = reference_path(model, drift.reference_file)
