@@ -7,7 +7,6 @@ server's own and /proc figures are its own.
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from stack.process import stop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def running(
         wait_ready(f"http://127.0.0.1:{port}", proc, log, ready_timeout_s)
         yield proc
     finally:
-        stop(proc)
+        stop(proc, grace_seconds=10.0)
 
 
 def wait_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
@@ -76,18 +77,6 @@ def wait_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout_
                     return
             time.sleep(0.1)
     raise RuntimeError(f"server not ready within {timeout_s:.0f} s:\n{tail(log)}")
-
-
-def stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """SIGTERM, wait up to `timeout_s`, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def tail(path: Path, lines: int = 20) -> str:
