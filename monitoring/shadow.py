@@ -39,9 +39,6 @@ from monitoring.teacher import Teacher, TeacherError
 log = logging.getLogger(__name__)
 
 _CRC_RANGE = float(2**32)
-# Samples recorded between two turns of the event loop (~6 us of fidelity maths and counters
-# per row measured here), so a batch never holds up requests for more than ~0.1 ms at a time.
-RECORD_SLICE = 16
 
 
 def should_shadow(request_id: str, fraction: float) -> bool:
@@ -237,15 +234,7 @@ class ShadowWorker:
             if teacher_logits is None:
                 self._errors.inc(len(inputs))
                 return
-            # The loop may have requests waiting since the teacher answered: they go first,
-            # and the comparison is recorded in slices between them, not in one long block.
-            await asyncio.sleep(0)
-            first_rows = np.cumsum([0] + [s.rows for s in batch]).tolist()
-            for start in range(0, len(batch), RECORD_SLICE):
-                if start:
-                    await asyncio.sleep(0)
-                part = batch[start : start + RECORD_SLICE]
-                self._record(part, teacher_logits, first_rows[start])
+            self._record(batch, teacher_logits)
             self._compared.inc(len(inputs))
             if self.capture is not None:
                 self.capture.append(inputs, teacher_logits)
@@ -267,11 +256,8 @@ class ShadowWorker:
         self.breaker.record_success()
         return logits
 
-    def _record(
-        self, batch: Sequence[ShadowSample], teacher_logits: NDArray[np.float32], first: int = 0
-    ) -> None:
-        """Record `batch`, whose rows start at row `first` of `teacher_logits`."""
-        offsets = np.cumsum([first] + [s.rows for s in batch]).tolist()
+    def _record(self, batch: Sequence[ShadowSample], teacher_logits: NDArray[np.float32]) -> None:
+        offsets = np.cumsum([0] + [s.rows for s in batch]).tolist()
         by_version: dict[str, list[int]] = {}
         for i, sample in enumerate(batch):
             by_version.setdefault(sample.version, []).append(i)

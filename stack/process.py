@@ -58,6 +58,13 @@ def _port(log: list[str], pattern: re.Pattern[str]) -> int | None:
     return None
 
 
+def without_kdgate_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without KDGATE_* settings (they would override a child's
+    config file), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KDGATE_")}
+    return {**env, **(extra or {})}
+
+
 def stop(process: subprocess.Popen[Any], *, grace_seconds: float = 20.0) -> None:
     """SIGTERM, then SIGKILL after `grace_seconds`; returns once the process is gone."""
     if process.poll() is None:

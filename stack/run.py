@@ -14,7 +14,6 @@ each of its models (e.g. a shadow fraction of 1).
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
@@ -26,7 +25,7 @@ from typing import Any
 import yaml
 
 from stack.configs import ROOT, write_alertmanager_config, write_prometheus_config
-from stack.process import ALERTMANAGER, KDGATE, PROMETHEUS, Listening, listening
+from stack.process import ALERTMANAGER, KDGATE, PROMETHEUS, Listening, listening, without_kdgate_env
 from stack.receiver import Receiver, webhook_receiver
 
 DEPLOY = ROOT / "deploy"
@@ -99,12 +98,6 @@ def _kdgate(config: Path, port: int) -> list[str]:
     ]
 
 
-def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The caller's environment without KDGATE_* settings (they would override the configs)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KDGATE_")}
-    return {**env, **extra}
-
-
 @contextmanager
 def running_stack(
     workdir: Path,
@@ -130,7 +123,9 @@ def running_stack(
             DEPLOY / "teacher.yaml", workdir / "teacher.yaml", {"server": {"port": ports.teacher}}
         )
         teacher = processes.enter_context(
-            listening(_kdgate(teacher_config, ports.teacher), KDGATE, env=_clean_env({}), cwd=ROOT)
+            listening(
+                _kdgate(teacher_config, ports.teacher), KDGATE, env=without_kdgate_env({}), cwd=ROOT
+            )
         )
         teacher_model = yaml.safe_load(teacher_config.read_text())["models"][0]["name"]
         state = workdir / "gateway-state"  # the outbox and persisted traffic live here
@@ -148,7 +143,7 @@ def running_stack(
                 model["teacher"] = {**model["teacher"], "url": teacher.url, "model": teacher_model}
             config["models"][i] = merge(model, model_overrides or {})
         gateway_config.write_text(yaml.safe_dump(config, sort_keys=False))
-        gateway_env = _clean_env(
+        gateway_env = without_kdgate_env(
             {
                 "KDGATE_ADMIN__TOKEN": secrets.admin_token,
                 "KDGATE_WEBHOOK__SECRET": secrets.webhook_secret,

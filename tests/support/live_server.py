@@ -7,7 +7,6 @@ pick-then-bind race. KDGATE_* variables of the test run are not passed on.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from stack.process import KDGATE, Listening, listening
+from stack.process import KDGATE, Listening, listening, without_kdgate_env
 
 REPO = Path(__file__).resolve().parents[2]
 LiveServer = Listening
@@ -25,10 +24,11 @@ LiveServer = Listening
 @contextmanager
 def live_server(config: Path, *, deadline_seconds: float = 60.0) -> Iterator[LiveServer]:
     """Start `python -m service.cli serve --config CONFIG --port 0`; yield once it is ready."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KDGATE_")}
     command = [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--port", "0"]
     deadline = time.monotonic() + deadline_seconds
-    with listening(command, KDGATE, env=env, cwd=REPO, deadline_seconds=deadline_seconds) as server:
+    with listening(
+        command, KDGATE, env=without_kdgate_env(), cwd=REPO, deadline_seconds=deadline_seconds
+    ) as server:
         while httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError("kdgate serve never became ready:\n" + server.output())
