@@ -2,7 +2,13 @@
 
     Teacher (protocol): name, version, async infer(batch [N, D]) -> logits [N, C], async aclose()
     ├── LocalOnnxTeacher   onnxruntime on a dedicated single worker thread
-    └── RemoteOipTeacher   Open Inference Protocol (KServe V2) JSON over an injected httpx client
+    └── RemoteOipTeacher   Open Inference Protocol (KServe V2) JSON over an injected httpx client,
+                           also on a dedicated single worker thread
+
+Both keep their work off the event loop on a thread at the lowest CPU priority: the loop only
+awaits a future. For the remote teacher that matters even though the call is I/O: encoding a
+64-row batch, httpx's own Python and decoding the answer held the loop for milliseconds per
+batch, and with a slow teacher that showed in the student's p95 (docs/benchmarks.md).
 
 Every failure (transport, status, malformed or non-finite answer, wrong row count) is raised as
 `TeacherError`, so the shadow worker has one thing to count and feed to its circuit breaker.
@@ -11,6 +17,7 @@ Every failure (transport, status, malformed or non-finite answer, wrong row coun
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -107,7 +114,9 @@ class RemoteOipTeacher:
     """A teacher behind an Open Inference Protocol (KServe V2) REST endpoint.
 
     `client` is injected (tests pass `httpx.MockTransport` or a real local server) and is not
-    closed by `aclose`. Each `infer` is one `POST {url}/v2/models/{model}[/versions/{v}]/infer`
+    closed by `aclose`; it is used from one worker thread of this teacher's (started on the first
+    `infer`, at the lowest priority; the caller's contextvars, e.g. the current trace span, are
+    carried over to it). Each `infer` is one `POST {url}/v2/models/{model}[/versions/{v}]/infer`
     with the whole batch as one FP32 tensor (JSON), asking for `output_name` only, with a total
     timeout of `timeout_seconds`. `version` is what the teacher reports as its version; when
     `model_version` is set, the request is pinned to that version on the remote side.
@@ -115,7 +124,7 @@ class RemoteOipTeacher:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.Client,
         *,
         url: str,
         model: str,
@@ -133,9 +142,22 @@ class RemoteOipTeacher:
         path = f"/v2/models/{model}" + (f"/versions/{model_version}" if model_version else "")
         self._endpoint = url.rstrip("/") + path + "/infer"
         self._timeout = httpx.Timeout(timeout_seconds)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"teacher-{model}", initializer=lowest_thread_priority
+        )
 
     async def infer(self, batch: NDArray[np.float32]) -> Logits:
         """Logits float32 [N, C] for `batch` float32 [N, D] from the remote teacher."""
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, context.run, self._infer, batch)
+
+    async def aclose(self) -> None:
+        """Stop the worker thread once the call in progress (if any) has finished; the client
+        belongs to the caller."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+
+    def _infer(self, batch: NDArray[np.float32]) -> Logits:
         rows = np.ascontiguousarray(batch, dtype=np.float32)
         body = {
             "inputs": [
@@ -149,7 +171,7 @@ class RemoteOipTeacher:
             "outputs": [{"name": self.output_name}],
         }
         try:
-            response = await self._client.post(
+            response = self._client.post(
                 self._endpoint,
                 content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
                 headers={"content-type": "application/json"},
@@ -162,9 +184,6 @@ class RemoteOipTeacher:
                 f"teacher {self._endpoint} answered {response.status_code}: {response.text[:200]}"
             )
         return checked_logits(self._output(response.content), len(rows))
-
-    async def aclose(self) -> None:
-        """Nothing to release: the client belongs to the caller."""
 
     def _output(self, content: bytes) -> NDArray[Any]:
         try:

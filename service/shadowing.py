@@ -149,7 +149,7 @@ class Shadowing:
         self._tracer_provider = tracer_provider
         self._environ = environ
         self._tracing: Tracing | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.Client | None = None
         self._sampler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -184,7 +184,7 @@ class Shadowing:
             if monitoring.teacher is not None:
                 await monitoring.teacher.aclose()
         if self._client is not None:
-            await self._client.aclose()
+            self._client.close()  # the teachers' threads, its only users, have stopped
             self._client = None
         if self._tracing is not None:
             await self._tracing.aclose()
@@ -290,11 +290,12 @@ class Shadowing:
             timeout_seconds=teacher.timeout_seconds,
         )
 
-    def _http_client(self) -> httpx.AsyncClient:
+    def _http_client(self) -> httpx.Client:
         if self._client is None:
             hooks = {"request": [self._tracing.inject_traceparent]} if self._tracing else {}
             # No environment proxies: the teacher is a known endpoint, not general egress.
-            self._client = httpx.AsyncClient(trust_env=False, event_hooks=hooks)
+            # Synchronous: each remote teacher calls it from its own worker thread.
+            self._client = httpx.Client(trust_env=False, event_hooks=hooks)
         return self._client
 
     async def _sample_latency(self) -> None:

@@ -140,6 +140,7 @@ class Tracing:
 
         # setattr: mypy rejects assigning to a method, which is exactly what is meant here.
         setattr(inference, "handle", traced_handle)  # noqa: B010
+        inference.observe_in_request = True  # the shadow sample links to the request span
         for router in state.routers.values():
             for variant in router.variants.values():
                 attributes = {"kdgate.model": variant.model, "kdgate.version": variant.version}
@@ -175,8 +176,9 @@ class Tracing:
 
         return span
 
-    async def inject_traceparent(self, request: httpx.Request) -> None:
-        """httpx request hook: propagate the current span (the comparison) to a remote teacher."""
+    def inject_traceparent(self, request: httpx.Request) -> None:
+        """httpx request hook: propagate the current span (the comparison) to a remote teacher
+        (called on the teacher's thread, in the context copied from the shadow worker)."""
         propagate.inject(request.headers)
 
     async def aclose(self) -> None:

@@ -130,7 +130,7 @@ def test_remote_teacher_speaks_oip_v2_json() -> None:
     x = RNG.uniform(0, 16, size=(5, 64)).astype(np.float32)
 
     async def main() -> np.ndarray:
-        async with httpx.AsyncClient(transport=_oip_server(seen)) as client:
+        with httpx.Client(transport=_oip_server(seen)) as client:
             teacher = RemoteOipTeacher(
                 client, url="http://teacher:8001/", model="digits-teacher", model_version="2"
             )
@@ -173,7 +173,7 @@ def test_remote_teacher_speaks_oip_v2_json() -> None:
 )
 def test_remote_teacher_failures_are_teacher_errors(response: httpx.Response, match: str) -> None:
     async def main() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda _: response)) as client:
+        with httpx.Client(transport=httpx.MockTransport(lambda _: response)) as client:
             await RemoteOipTeacher(client, url="http://t", model="m").infer(
                 np.zeros((2, 4), np.float32)
             )
@@ -190,7 +190,7 @@ def test_remote_teacher_transport_errors_and_timeout_are_teacher_errors() -> Non
         raise httpx.ReadTimeout("slow", request=request)
 
     async def main() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with httpx.Client(transport=httpx.MockTransport(handler)) as client:
             await RemoteOipTeacher(client, url="http://t", model="m", timeout_seconds=0.25).infer(
                 np.zeros((1, 4), np.float32)
             )
