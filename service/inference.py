@@ -176,10 +176,12 @@ class Inference:
             log.exception("inference failed: model=%s version=%s", model, version)
             status, payload = 500, error_body("internal error while running the model")
         request_id = request_id or self.new_request_id()
-        observe = self.observers.get(model) if status == 200 and variant is not None else None
-        if observe is not None and self.observe_in_request:
-            observe(request_id, variant.version, inputs, outputs)  # type: ignore[union-attr]
-            observe = None
+        observation: Callable[[], None] | None = None
+        if status == 200 and variant is not None and (observe := self.observers.get(model)):
+            observation = partial(observe, request_id, variant.version, inputs, outputs)
+            if self.observe_in_request:
+                observation()
+                observation = None
         reply_headers: RawHeaders = [
             (b"content-type", JSON if json_length is None else OCTET_STREAM),
             (b"content-length", str(len(payload)).encode()),
@@ -188,10 +190,7 @@ class Inference:
         ]
         if json_length is not None:
             reply_headers.append((b"inference-header-content-length", str(json_length).encode()))
-        after = partial(
-            self.record, protocol, model, variant, status, started, inputs, request_id, outputs,
-            observe,
-        )  # fmt: skip
+        after = partial(self.record, protocol, model, variant, status, started, inputs, observation)
         return Reply(status, reply_headers, payload, after)
 
     def record(
@@ -202,17 +201,16 @@ class Inference:
         status: int,
         started: float,
         inputs: dict[str, Any],
-        request_id: str = "",
-        outputs: Mapping[str, Any] | None = None,
-        observe: Observer | None = None,
+        observation: Callable[[], None] | None = None,
     ) -> None:
         """A request's bookkeeping once answered: metrics, drift tap (`started`: perf_counter),
-        and `observe` (the model's shadow and feedback hook) when it did not run in the request."""
+        and `observation` (the model's shadow and feedback hook, bound to this request) when it
+        did not run in the request."""
         if variant is None:
             self.state.unrouted(model if model in self.state.versions else "").inc(protocol, status)
             return
-        if observe is not None and outputs is not None:
-            observe(request_id, variant.version, inputs, outputs)
+        if observation is not None:
+            observation()
         if status == 200 and (tap := self.input_taps.get(model)):
             tap(inputs)
         variant.requests.inc(protocol, status)
