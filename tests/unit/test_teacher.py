@@ -1,4 +1,5 @@
 import asyncio
+import contextvars
 import json
 import threading
 import time
@@ -123,6 +124,34 @@ def _oip_server(requests: list[dict[str, Any]]) -> httpx.MockTransport:
         )
 
     return httpx.MockTransport(handler)
+
+
+CALLER = contextvars.ContextVar("caller", default="none")
+
+
+def test_remote_teacher_calls_from_its_own_thread_in_the_callers_context() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((threading.current_thread().name, CALLER.get()))
+        return httpx.Response(
+            200, json={"outputs": [{"name": "logits", "shape": [1, 2], "data": [0.5, 1.5]}]}
+        )
+
+    async def main() -> str:
+        CALLER.set("shadow-worker")
+        with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+            teacher = RemoteOipTeacher(client, url="http://t", model="digits-teacher")
+            try:
+                await teacher.infer(np.zeros((1, 4), np.float32))
+            finally:
+                await teacher.aclose()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(main())
+    ((thread, caller),) = seen
+    assert thread.startswith("teacher-digits-teacher") and thread != loop_thread
+    assert caller == "shadow-worker"
 
 
 def test_remote_teacher_speaks_oip_v2_json() -> None:
