@@ -83,11 +83,19 @@ class FeedbackStore:
 
         The logits are kept as given, not copied (a copy costs ~1 us): don't modify them later.
         """
+        self.put_many([(request_id, version, student_logits, shadowed)])
+
+    def put_many(self, predictions: Iterable[tuple[str, str, ArrayLike, bool]]) -> None:
+        """`put` for each (request id, version, student logits, shadowed), oldest first."""
         now = self._clock()
-        logits = np.asarray(student_logits, dtype=np.float32)
-        self._live.pop(request_id, None)
-        self._gone.pop(request_id, None)
-        self._live[request_id] = Prediction(version, _as_rows(logits), now, shadowed)
+        live, gone = self._live, self._gone
+        for request_id, version, student_logits, shadowed in predictions:
+            logits = np.asarray(student_logits, dtype=np.float32)
+            if request_id in live:
+                del live[request_id]  # re-inserted at the end: insertion order is age order
+            if gone:
+                gone.pop(request_id, None)
+            live[request_id] = Prediction(version, _as_rows(logits), now, shadowed)
         self._evict(now)
 
     def attach_teacher(self, request_id: str, teacher_logits: ArrayLike) -> None:

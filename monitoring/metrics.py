@@ -6,11 +6,21 @@ can compute it over any window and sum it exactly across replicas.
 
 Tests build `Metrics(CollectorRegistry())` and read values back with
 `registry.get_sample_value(...)`; nothing here touches the global registry.
+
+The request path journals its bookkeeping and settles it in bulk (service/inference.py):
+`Metrics.before_collect` holds the hooks that settle it, run at the start of every collect of
+the registry, so whoever reads a value (a scrape, a test) reads one that includes every answered
+request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # Server-side latency of a ~100 us request must be resolvable: the default buckets start at 5 ms.
 LATENCY_BUCKETS_SECONDS = (
@@ -27,18 +37,61 @@ KL_BUCKETS_NATS = (
 CALIBRATION_BINS = 15
 
 
+class BulkHistogram(Histogram):
+    """A Histogram that also takes many observations at once: `observe_many(values)`.
+
+    The same buckets, sum and count as calling `observe` on each value (tests/unit/test_metrics.py
+    compares them), at ~0.1 us per value instead of ~3. It reads the instrument's own bucket
+    values, which `Histogram.observe` updates the same way.
+    """
+
+    def observe_many(self, amounts: Sequence[float] | np.ndarray) -> None:
+        """Observe every value of `amounts`."""
+        values = np.asarray(amounts, dtype=np.float64).reshape(-1)
+        if not values.size:
+            return
+        self._raise_if_not_observable()  # type: ignore[no-untyped-call]  # a labelled parent
+        # observe() counts a value in the first bucket whose upper bound is >= it: that is
+        # searchsorted's "left" side. NaN sorts past +Inf and, like observe(), lands in none.
+        index = np.searchsorted(self._upper_bounds, values, side="left")
+        counts = np.bincount(index, minlength=len(self._upper_bounds))
+        self._sum.inc(float(values.sum()))
+        for bucket, count in zip(self._buckets, counts.tolist(), strict=False):
+            if count:
+                bucket.inc(count)
+
+
+class _BeforeCollect(Collector):
+    """Registered first: runs the hooks before any instrument of the registry is collected."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], None]] = []
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # exports nothing; describe() keeps the registry from collecting at register
+
+    def collect(self) -> Iterable[Metric]:
+        for hook in self.hooks:
+            hook()
+        return ()
+
+
 class Metrics:
     """The kdgate instruments, registered on `registry`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        before = _BeforeCollect()
+        registry.register(before)
+        # Hooks run at the start of every collect of `registry` (on the collecting thread).
+        self.before_collect = before.hooks
         self.requests = Counter(
             "kdgate_requests",
             "Inference requests served.",
             ["model", "version", "protocol", "code"],
             registry=registry,
         )
-        self.request_duration = Histogram(
+        self.request_duration = BulkHistogram(
             "kdgate_request_duration_seconds",
             "Server-side inference request latency in seconds.",
             ["model", "version"],
@@ -69,7 +122,7 @@ class Metrics:
             ["model", "version"],
             registry=registry,
         )
-        self.fidelity_kl = Histogram(
+        self.fidelity_kl = BulkHistogram(
             "kdgate_fidelity_kl_divergence_nats",
             "KL(teacher || student) per compared sample, in nats.",
             ["model", "version"],

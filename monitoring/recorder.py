@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
-from prometheus_client.metrics import Counter, Histogram
+from prometheus_client.metrics import Counter
 
 from monitoring.fidelity import (
     CALIBRATION_BINS,
@@ -34,7 +34,7 @@ from monitoring.fidelity import (
     calibration_against,
     compare,
 )
-from monitoring.metrics import Metrics
+from monitoring.metrics import BulkHistogram, Metrics
 
 if TYPE_CHECKING:
     from monitoring.fidelity_window import FidelityWindow
@@ -55,7 +55,7 @@ class _CalibrationChildren:
 class _FidelityChildren:
     samples: Counter
     agreements: Counter
-    kl: Histogram
+    kl: BulkHistogram
 
 
 class FidelityRecorder:
@@ -84,8 +84,7 @@ class FidelityRecorder:
         children = self._fidelity_children(version)
         children.samples.inc(len(result.agree))
         children.agreements.inc(int(np.count_nonzero(result.agree)))
-        for kl in result.kl.tolist():
-            children.kl.observe(kl)
+        children.kl.observe_many(result.kl)
         self._add_calibration(version, "teacher", result.calibration)
         if self.window is not None:
             self.window.add_comparison(version, result)

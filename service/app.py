@@ -170,6 +170,7 @@ def create_app(
             yield
         finally:
             state.ready = False
+            app.inference.flush()  # the last requests' bookkeeping, while its sinks still run
             await slo.stop()
             await shadowing.stop()
 
@@ -181,6 +182,8 @@ def create_app(
         lifespan=lifespan,
     )
     shadowing = Shadowing(state, app.inference, tracer_provider=tracer_provider)
+    # A scrape (or any read of the registry) first settles the requests answered so far.
+    state.metrics.before_collect.append(app.inference.flush_from_any_thread)
     # X-Forwarded-For/-Proto from trusted proxies (uvicorn's rule and FORWARDED_ALLOW_IPS) for
     # the framework routes, whose admin audit lines name the client; `kdgate serve` turns
     # uvicorn's own copy off, which ran it on every inference request too (~2 % of their CPU).

@@ -73,6 +73,7 @@ def build_fidelity_router(shadowing: Shadowing) -> APIRouter:
             raise InvalidInput(f"malformed JSON ({exc}); {_NOT_A_LIST}") from None
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             raise InvalidInput(_NOT_A_LIST)
+        shadowing.inference.flush()  # every answered request is in the store before the join
         return JsonResponse(monitoring.feedback.apply_feedback(items))
 
     @api.get("/v1/fidelity", tags=["monitoring"])

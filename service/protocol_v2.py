@@ -30,6 +30,7 @@ from service.tensors import (
     check_datatype,
     check_names,
     check_shape,
+    packed_from_data,
 )
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -102,13 +103,19 @@ def decode_request(
 ) -> V2Request:
     """Decode and validate an infer request body against the model signature."""
     if header_length is None:
-        request, binary = parse_json(body), memoryview(b"")
+        text, binary = body, memoryview(b"")
     else:
         view = memoryview(body)
-        request, binary = parse_json(view[:header_length]), view[header_length:]
-    if not binary:
-        common = _decode_common(request, signature)
-        if common is not None:
+        text, binary = view[:header_length], view[header_length:]
+    try:
+        request = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # NaN/Infinity literals, numbers past float64: parse_json reads them so that validation
+        # can name them, and only the general path sees such requests (_decode_common takes
+        # JSON as orjson parses it).
+        request = parse_json(text)
+    else:
+        if not binary and (common := _decode_common(request, signature)) is not None:
             return common
     return _decode_general(request, binary, header_length, signature)
 
@@ -116,31 +123,40 @@ def decode_request(
 def _decode_common(request: Any, signature: Signature) -> V2Request | None:
     """The usual request in fewer steps, or None when it is not one: take `_decode_general`.
 
+    `request` as orjson parses JSON (see `packed_from_data`).
+
     Usual: one JSON tensor for a single-input model, right name and datatype, a valid or no
-    `id`, no `parameters` or `outputs` anywhere. The shape and data checks are the general
-    path's own functions, and nothing the general path checks before them can fail here, so a
-    bad request gets the same error either way (tests/unit/test_protocol_v2.py compares both).
-    About 2x cheaper than the general path for a batch-1 request.
+    `id`, and no other members (no `parameters`, no `outputs`). The shape and data checks are
+    the general path's own functions (data first the quick way, `packed_from_data`), and nothing
+    the general path checks before them can fail here, so a bad request gets the same error
+    either way (tests/unit/test_protocol_v2.py compares both on generated requests).
     """
     spec = signature.single_input
-    if spec is None or type(request) is not dict or "outputs" in request:
+    if spec is None or type(request) is not dict or not request.keys() <= _COMMON_REQUEST:
         return None
     inputs, request_id = request.get("inputs"), request.get("id")
-    if type(inputs) is not list or len(inputs) != 1 or "parameters" in request:
+    if type(inputs) is not list or len(inputs) != 1:
         return None
     if request_id is not None and not valid_request_id(request_id):
         return None
     tensor = inputs[0]
     if (
         type(tensor) is not dict
-        or tensor.get("name") != spec.name
-        or tensor.get("datatype") != spec.datatype
-        or "parameters" in tensor
+        or tensor.keys() != _COMMON_TENSOR
+        or tensor["name"] != spec.name
+        or tensor["datatype"] != spec.datatype
     ):
         return None
-    shape = check_shape(spec.name, tensor.get("shape"), spec)
-    array = array_from_data(spec.name, tensor.get("data"), shape, NUMPY_DTYPES[spec.datatype])
+    shape = check_shape(spec.name, tensor["shape"], spec)
+    data = tensor["data"]
+    array = packed_from_data(data, shape, spec.datatype) if type(data) is list else None
+    if array is None:
+        array = array_from_data(spec.name, data, shape, NUMPY_DTYPES[spec.datatype])
     return V2Request(request_id, {spec.name: array}, signature_outputs(signature, binary=False))
+
+
+_COMMON_REQUEST = frozenset(("inputs", "id"))
+_COMMON_TENSOR = frozenset(("name", "shape", "datatype", "data"))
 
 
 def _decode_general(

@@ -17,9 +17,10 @@ import random
 import zlib
 from collections.abc import Mapping
 
-from prometheus_client.metrics import Counter, Histogram
+from prometheus_client.metrics import Counter
 
-from monitoring.metrics import Metrics
+from monitoring.metrics import BulkHistogram, Metrics
+from service.batching import Batcher, batchable
 from service.errors import ModelNotFound
 from service.runtime import StudentSession
 from service.settings import TrafficSettings
@@ -43,26 +44,40 @@ class RequestCounters:
                 for code in COMMON_CODES:
                     self._children[protocol, code] = self._bind(protocol, code)
 
-    def inc(self, protocol: str, code: int) -> None:
+    def inc(self, protocol: str, code: int, count: int = 1) -> None:
         child = self._children.get((protocol, code))
         if child is None:
             child = self._children[protocol, code] = self._bind(protocol, code)
-        child.inc()
+        child.inc(count)
 
     def _bind(self, protocol: str, code: int) -> Counter:
         return self._family.labels(self._model, self._version, protocol, str(code))
 
 
 class Variant:
-    """One student version of a model, ready to run, with its pre-bound metric children."""
+    """One student version of a model, ready to run, with its pre-bound metric children and,
+    when its signature allows and `batch_max_rows` > 1, a micro-batcher (service/batching.py)."""
 
-    def __init__(self, model: str, session: StudentSession, version: str, metrics: Metrics):
+    def __init__(
+        self,
+        model: str,
+        session: StudentSession,
+        version: str,
+        metrics: Metrics,
+        *,
+        batch_max_rows: int = 1,
+    ):
         self.model = model
         self.version = version
         self.session = session
         self.signature: Signature = session.signature
+        self.batcher = (
+            Batcher(session, batch_max_rows)
+            if batch_max_rows > 1 and batchable(self.signature)
+            else None
+        )
         self.requests = RequestCounters(metrics, model, version)
-        self.duration: Histogram = metrics.request_duration.labels(model, version)
+        self.duration: BulkHistogram = metrics.request_duration.labels(model, version)
         self.version_header = (b"x-kdgate-model-version", version.encode())
 
 

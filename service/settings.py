@@ -59,6 +59,11 @@ class ServerSettings(_Section):
     onnx_intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime intra-op pool")
     onnx_inter_op_threads: int = Field(default=1, ge=1, description="onnxruntime inter-op pool")
     warmup_runs: int = Field(default=50, ge=1, description="session runs before ready")
+    batch_max_rows: int = Field(
+        default=32,
+        ge=1,
+        description="micro-batching: most rows one run takes from concurrent requests; 1 = off",
+    )
     graceful_shutdown_seconds: int = Field(default=30, ge=1)
     log_level: str = "info"
 

@@ -5,13 +5,14 @@
         FidelityRecorder + FidelityWindow, FeedbackStore            (every model)
         teacher (local ONNX thread | remote OIP over httpx),         (models with a teacher)
         CircuitBreaker, ShadowQueue, CaptureStore, ShadowWorker
-        -> Inference.observers[model] = ModelShadow.observe          (the hot-path hook)
+        -> Inference.observers[model] = ModelShadow.observe_many     (the request-path hook)
     lifespan end: observers removed, then per model
         worker.stop -> capture.aclose -> teacher.aclose; then the httpx client and tracing
 
-`ModelShadow.observe` is all the hot path does for monitoring: remember the prediction for
-feedback, and for a deterministic fraction of request ids offer (input, student logits) to the
-bounded queue without waiting. Everything else runs in the worker task and the teacher's thread.
+`ModelShadow.observe_many` is all the request path does for monitoring, in bulk for the requests
+of one journal (service/inference.py): remember each prediction for feedback, and for a
+deterministic fraction of request ids offer (input, student logits) to the bounded queue without
+waiting. Everything else runs in the worker task and the teacher's thread.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from monitoring.recorder import FidelityRecorder
 from monitoring.shadow import ShadowQueue, ShadowSample, ShadowWorker, should_shadow
 from monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teacher
 from service.cards import ModelCard, load_card, verify_model_file
-from service.inference import Inference
+from service.inference import Inference, Prediction
 from service.settings import ModelSettings, TeacherSettings
 from service.state import ServingState
 
@@ -97,17 +98,30 @@ class ModelShadow:
         return self.shadow_fraction() if self.queue is not None else 0.0
 
     def observe(self, request_id: str, version: str, inputs: Arrays, outputs: Arrays) -> None:
-        """After a successful prediction: O(1), never awaits, never raises on a full queue."""
+        """One successful prediction; see `observe_many`."""
+        self.observe_many([(request_id, version, inputs, outputs)])
+
+    def observe_many(self, predictions: Sequence[Prediction]) -> None:
+        """Successful predictions, oldest first: never awaits, never raises on a full queue.
+
+        The shadow fraction is read once per call: the predictions of one journal (at most
+        ~10 ms of traffic, service/inference.py) share it.
+        """
         try:
-            logits = outputs[self.output_name]
-            shadowed = False
-            if self.queue is not None and should_shadow(request_id, self.shadow_fraction()):
-                trace = self.trace_context() if self.trace_context is not None else None
-                sample = ShadowSample(request_id, version, inputs[self.input_name], logits, trace)
-                shadowed = self.queue.offer(sample)
-            self.feedback.put(request_id, version, logits, shadowed=shadowed)
+            queue = self.queue
+            fraction = self.shadow_fraction() if queue is not None else 0.0
+            kept = []
+            for request_id, version, inputs, outputs in predictions:
+                logits = outputs[self.output_name]
+                shadowed = False
+                if fraction and queue is not None and should_shadow(request_id, fraction):
+                    trace = self.trace_context() if self.trace_context is not None else None
+                    rows = inputs[self.input_name]
+                    shadowed = queue.offer(ShadowSample(request_id, version, rows, logits, trace))
+                kept.append((request_id, version, logits, shadowed))
+            self.feedback.put_many(kept)
         except Exception:  # monitoring must never fail the answer already computed
-            log.exception("shadow/feedback hook failed for request %s", request_id)
+            log.exception("shadow/feedback hook failed for %d predictions", len(predictions))
 
 
 @dataclass
@@ -161,7 +175,7 @@ class Shadowing:
             for model in self.state.settings.models:
                 monitoring = await self._start_model(model)
                 self.models[model.name] = monitoring
-                self.inference.observers[model.name] = monitoring.shadow.observe
+                self.inference.observers[model.name] = monitoring.shadow.observe_many
         except BaseException:
             await self.stop()
             raise

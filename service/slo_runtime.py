@@ -45,7 +45,7 @@ from service.settings import ModelSettings, Settings
 
 log = logging.getLogger(__name__)
 
-InputTap = Callable[[Mapping[str, np.ndarray[Any, Any]]], None]
+InputTap = Callable[[Sequence[Mapping[str, np.ndarray[Any, Any]]]], None]
 LINKS = {"slo": "/v1/slo", "drift_report": "/v1/reports/drift"}
 
 
@@ -98,13 +98,15 @@ def reference_path(model: ModelSettings, reference_file: str) -> Path:
 
 
 def _tap(buffer: InputBuffer, width: int) -> InputTap:
-    """The request-path hook: the first input, if it is a [n, width] matrix, into `buffer`."""
+    """The request-path hook: of each request (oldest first), the first input, if it is a
+    [n, width] matrix, into `buffer`."""
 
-    def tap(inputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        for rows in inputs.values():
-            if rows.ndim == 2 and rows.shape[1] == width:
-                buffer.append(rows)
-            return
+    def tap(requests: Sequence[Mapping[str, np.ndarray[Any, Any]]]) -> None:
+        for inputs in requests:
+            for rows in inputs.values():
+                if rows.ndim == 2 and rows.shape[1] == width:
+                    buffer.append(rows)
+                break
 
     return tap
 

@@ -54,7 +54,11 @@ class ServingState:
             for student in model.students:
                 session = loader(student, server)
                 variants[student.version] = Variant(
-                    model.name, session, student.version, self.metrics
+                    model.name,
+                    session,
+                    student.version,
+                    self.metrics,
+                    batch_max_rows=server.batch_max_rows,
                 )
             first = next(iter(variants.values())).signature
             if any(v.signature != first for v in variants.values()):

@@ -146,6 +146,7 @@ class Tracing:
                 attributes = {"kdgate.model": variant.model, "kdgate.version": variant.version}
                 run = _traced_run(tracer, variant.session.run, attributes)
                 setattr(variant.session, "run", run)  # noqa: B010
+                variant.batcher = None  # one span per request's run, inside its request span
 
     def request_context(self) -> SpanContext:
         """The current span's context (the request span, on the hot path), for linking."""

@@ -216,8 +216,15 @@ class TrafficControl:
                 f"version {student.version!r} refused: its inputs/outputs "
                 f"{session.card.inputs + session.card.outputs} differ from model {model!r}'s"
             )
-        session.warm_up(self.state.settings.server.warmup_runs)
-        return Variant(model, session, student.version, self.state.metrics)
+        server = self.state.settings.server
+        session.warm_up(server.warmup_runs)
+        return Variant(
+            model,
+            session,
+            student.version,
+            self.state.metrics,
+            batch_max_rows=server.batch_max_rows,
+        )
 
     async def _apply(
         self, current: Router, traffic: TrafficSettings, caller: Caller, action: str

@@ -143,7 +143,7 @@ ONE = Signature(
 )
 _values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
-    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**63), 2**64 - 1),  # orjson's ints: larger ones parse as floats
     st.sampled_from([1e39, -3.4e38, True, None, "1.5"]),
 )
 _tensors = st.fixed_dictionaries(
@@ -181,7 +181,7 @@ def _outcome(decode: Callable[[], V2Request | None]) -> object:
     return request.id, arrays, request.outputs
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(_requests)
 def test_usual_request_shortcut_answers_as_the_general_path(request: dict[str, object]) -> None:
     general = _outcome(lambda: _decode_general(request, memoryview(b""), None, ONE))

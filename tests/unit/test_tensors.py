@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from service.cards import TensorSpec
 from service.errors import InvalidInput
-from service.tensors import array_from_data, check_shape
+from service.tensors import NUMPY_DTYPES, array_from_data, check_shape, packed_from_data
 
 FP32 = np.dtype(np.float32)
 FP64 = np.dtype(np.float64)
@@ -90,3 +90,49 @@ def test_check_shape(shape: object, message: str | None) -> None:
         return
     with pytest.raises(InvalidInput, match=message):
         check_shape("x", shape, SPEC)
+
+
+_DATATYPES = ["FP32", "FP64", "INT32", "INT64"]
+_any_value = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(width=32),
+    st.integers(-(2**63), 2**64 - 1),  # orjson's ints: larger ones parse as floats
+    st.sampled_from(
+        [FP32_MAX, -FP32_MAX, 3.4028236e38, -3.4028236e38, 3.4028237e38, 2**31, -(2**31) - 1,
+         2**53 + 1, 2**24 + 1, 1e-46, -0.0, True, False, None, "1.5", [1.0]]
+    ),
+)  # fmt: skip
+
+
+def _decoded(decode: object) -> object:
+    """An array as (dtype, shape, values, signs of zeros), or the refusal's message."""
+    try:
+        array = decode() if callable(decode) else decode
+    except InvalidInput as exc:
+        return exc.message
+    assert isinstance(array, np.ndarray)
+    return array.dtype.newbyteorder("="), array.shape, array.tolist(), np.signbit(array).tolist()
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(_any_value, min_size=1, max_size=8) | st.lists(st.floats(-1e6, 1e6), min_size=1),
+    st.sampled_from(_DATATYPES),
+)
+def test_packed_data_is_what_array_from_data_decodes(values: list[object], datatype: str) -> None:
+    """The quick way either declines (None) or returns exactly the general decoder's array."""
+    shape = (1, len(values))
+    quick = packed_from_data(values, shape, datatype)
+    general = _decoded(lambda: array_from_data("x", values, shape, NUMPY_DTYPES[datatype]))
+    assert quick is None or _decoded(quick) == general
+
+
+def test_packed_data_takes_the_usual_request() -> None:
+    values = [0.0, 5.0, 13.0, -1.5] * 16
+    quick = packed_from_data(values, (1, 64), "FP32")
+    assert quick is not None and quick.dtype == np.float32 and quick.shape == (1, 64)
+    np.testing.assert_array_equal(quick, np.array([values], np.float32))
+    assert packed_from_data(values, (2, 64), "FP32") is None  # 64 values for 128 elements
+    assert packed_from_data([True, *values[1:]], (1, 64), "FP32") is None
+    assert packed_from_data([1, 2], (1, 2), "FP32") is None  # ints alone: the exact way
+    assert packed_from_data([1.5, 2.0], (1, 2), "INT64") is None
