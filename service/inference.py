@@ -175,8 +175,10 @@ class Inference:
         inputs: dict[str, Any] = {}
         outputs: dict[str, Any] = {}
         try:
-            self.state.check_version(model, version)
-            router = self.state.router(model)
+            router = self.state.routers.get(model)
+            if router is None:  # unknown (404) or still loading (503)
+                self.state.check_version(model, version)
+                router = self.state.router(model)
             variant = (
                 router.get(version) if version else router.pick(headers.get(router.sticky_header))
             )

@@ -1,0 +1,143 @@
+"""service/batching.py: which signatures batch, and that a batch answers as separate runs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, batchable
+from service.cards import TensorSpec
+from service.runtime import StudentSession
+from service.tensors import Signature
+from tests.support.tiny_model import write_tiny_student
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class CountingSession:
+    """A real student session that counts its runs and the rows of each."""
+
+    def __init__(self, session: StudentSession) -> None:
+        self.session = session
+        self.runs: list[int] = []
+
+    def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        self.runs.append(len(inputs["input"]))
+        return self.session.run(inputs)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> StudentSession:
+    return StudentSession.from_card(write_tiny_student(Path(tmp_path_factory.mktemp("b"))))
+
+
+def rows(count: int, seed: int) -> dict[str, np.ndarray[Any, Any]]:
+    data = np.random.default_rng(seed).uniform(0, 16, size=(count, 64)).astype(np.float32)
+    return {"input": data}
+
+
+def spec(name: str, *shape: int) -> TensorSpec:
+    return TensorSpec(name=name, datatype="FP32", shape=list(shape))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "expected"),
+    [
+        ([spec("x", -1, 64)], [spec("y", -1, 10)], True),
+        ([spec("x", -1, 8, 8)], [spec("y", -1, 10), spec("p", -1, 10)], True),
+        ([spec("x", 1, 64)], [spec("y", -1, 10)], False),  # fixed batch size
+        ([spec("x", -1, -1)], [spec("y", -1, 10)], False),  # rows of different widths
+        ([spec("x", -1, 64)], [spec("y", 10)], False),  # an output without a batch dimension
+        ([spec("x", -1, 64), spec("z", -1, 2)], [spec("y", -1, 10)], False),  # two inputs
+    ],
+)
+def test_batchable(inputs: list[TensorSpec], outputs: list[TensorSpec], expected: bool) -> None:
+    signature = Signature({t.name: t for t in inputs}, {t.name: t for t in outputs})
+    assert batchable(signature) is expected
+
+
+async def test_requests_of_one_loop_iteration_share_one_run(student: StudentSession) -> None:
+    counting = CountingSession(student)
+    batcher = Batcher(counting, max_rows=32)
+    assert not batcher.busy()  # nothing ran yet: a request would run inline
+    batcher.ran_inline()
+    assert batcher.busy()
+    requests = [rows(n, seed) for seed, n in enumerate([1, 3, 1, 2, 5])]
+    answers = await asyncio.gather(*(batcher.run(r) for r in requests))
+    assert counting.runs == [12]  # one run over every row
+    for request, answer in zip(requests, answers, strict=True):
+        alone = student.run(request)
+        assert answer.keys() == alone.keys()
+        assert answer["logits"].shape == alone["logits"].shape
+        np.testing.assert_allclose(answer["logits"], alone["logits"], rtol=1e-5, atol=1e-5)
+    assert not batcher.busy()  # the loop iteration that ran inline is over
+
+
+async def test_a_batch_never_takes_more_than_max_rows(student: StudentSession) -> None:
+    counting = CountingSession(student)
+    batcher = Batcher(counting, max_rows=4)
+    batcher.ran_inline()
+    requests = [rows(n, seed) for seed, n in enumerate([2, 2, 3, 1, 4])]
+    answers = await asyncio.gather(*(batcher.run(r) for r in requests))
+    assert counting.runs == [4, 4, 4]
+    for request, answer in zip(requests, answers, strict=True):
+        np.testing.assert_allclose(
+            answer["logits"], student.run(request)["logits"], rtol=1e-5, atol=1e-5
+        )
+
+
+async def test_a_failed_run_fails_each_request_of_its_batch() -> None:
+    class Broken:
+        def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
+            raise RuntimeError("session lost")
+
+    batcher = Batcher(Broken(), max_rows=32)
+    batcher.ran_inline()
+    answers = await asyncio.gather(
+        *(batcher.run(rows(1, seed)) for seed in range(3)), return_exceptions=True
+    )
+    assert [str(a) for a in answers] == ["session lost"] * 3
+
+
+async def test_outputs_without_a_row_per_input_row_are_run_request_by_request() -> None:
+    class Pooling:
+        """Answers one row whatever it is given: not a per-row model."""
+
+        def __init__(self) -> None:
+            self.runs = 0
+
+        def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
+            self.runs += 1
+            return {"mean": inputs["input"].mean(axis=0, keepdims=True)}
+
+    session = Pooling()
+    batcher = Batcher(session, max_rows=32)
+    batcher.ran_inline()
+    requests = [rows(2, seed) for seed in range(3)]
+    answers = await asyncio.gather(*(batcher.run(r) for r in requests))
+    assert session.runs == 1 + 3  # the refused batch, then each alone
+    for request, answer in zip(requests, answers, strict=True):
+        np.testing.assert_allclose(answer["mean"], request["input"].mean(axis=0, keepdims=True))
+
+
+async def test_a_lone_request_in_batch_mode_runs_by_itself(student: StudentSession) -> None:
+    counting = CountingSession(student)
+    batcher = Batcher(counting, max_rows=32)
+    batcher.ran_inline()
+    answer = await batcher.run(rows(2, 7))
+    assert counting.runs == [2]
+    np.testing.assert_allclose(answer["logits"], student.run(rows(2, 7))["logits"], atol=1e-6)
+
+
+def test_max_rows_below_two_is_refused(student: StudentSession) -> None:
+    with pytest.raises(ValueError, match="max_rows"):
+        Batcher(student, max_rows=1)
