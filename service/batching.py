@@ -84,11 +84,11 @@ class Batcher:
     def flush(self) -> None:
         """Run every waiting request now, as one batch."""
         pending, self._pending, self._rows = self._pending, [], 0
+        if not pending:
+            return
         if len(pending) == 1:
             inputs, _, future = pending[0]
             _settle(future, self.session.run, inputs)
-            return
-        if not pending:
             return
         try:
             (name,) = pending[0][0]

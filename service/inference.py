@@ -46,9 +46,9 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 RawHeaders = list[tuple[bytes, bytes]]
 Arrays = Mapping[str, Any]
 # (request id, version, inputs, outputs) of a successful prediction.
-Prediction = tuple[str, str, Arrays, Arrays]
+Observation = tuple[str, str, Arrays, Arrays]
 # A model's shadow + feedback hook: its successful predictions, oldest first.
-Observer = Callable[[Sequence[Prediction]], None]
+Observer = Callable[[Sequence[Observation]], None]
 # A model's drift hook: the inputs of its successful predictions, oldest first.
 InputTap = Callable[[Sequence[Arrays]], None]
 # (protocol, model, variant, status, started, request id, inputs, outputs or None): an answered
@@ -257,8 +257,8 @@ class Inference:
     def flush(self) -> None:
         """Settle every journaled request now: metrics, drift taps, shadow and feedback.
 
-        Runs on the event loop (the journal's only writer); called from another thread (a
-        Prometheus collect there), it asks the loop to do it instead (`flush_from_any_thread`).
+        Call it on the event loop, the journal's only writer; from another thread (a Prometheus
+        collect there) use `flush_from_any_thread`.
         """
         if self._timer is not None:
             self._timer.cancel()
@@ -279,29 +279,32 @@ class Inference:
             loop.call_soon_threadsafe(self.flush)
 
     def _settle(self, entries: list[tuple[Served, float]]) -> None:
-        by_variant: dict[Variant, list[Served]] = {}
-        durations: dict[Variant, list[float]] = {}
-        for served, answered in entries:
+        by_variant: dict[Variant, list[tuple[Served, float]]] = {}
+        for entry in entries:
+            served = entry[0]
             variant = served[2]
-            if variant is None:
-                model = served[1]
-                known = model if model in self.state.versions else ""
-                self.state.unrouted(known).inc(served[0], served[3])
-            elif variant in by_variant:
-                by_variant[variant].append(served)
-                durations[variant].append(answered - served[4])
-            else:
-                by_variant[variant] = [served]
-                durations[variant] = [answered - served[4]]
-        for variant, batch in by_variant.items():
-            for (protocol, status), count in Counter((s[0], s[3]) for s in batch).items():
+            if variant is not None:
+                by_variant.setdefault(variant, []).append(entry)
+                continue
+            model = served[1]
+            known = model if model in self.state.versions else ""
+            self.state.unrouted(known).inc(served[0], served[3])
+        for variant, answered in by_variant.items():
+            codes = Counter((protocol, status) for (protocol, _, _, status, *_), _ in answered)
+            for (protocol, status), count in codes.items():
                 variant.requests.inc(protocol, status, count)
-            variant.duration.observe_many(durations[variant])
-            ok = [s for s in batch if s[3] == 200]
-            if ok and (tap := self.input_taps.get(variant.model)):
-                tap([s[6] for s in ok])
-            if ok and (observe := self.observers.get(variant.model)):
+            variant.duration.observe_many([end - served[4] for served, end in answered])
+            ok = [served for served, _ in answered if served[3] == 200]
+            if not ok:
+                continue
+            if tap := self.input_taps.get(variant.model):
+                tap([inputs for *_, inputs, _ in ok])
+            if observe := self.observers.get(variant.model):
                 version = variant.version
-                predictions = [(s[5], version, s[6], s[7]) for s in ok if s[7] is not None]
-                if predictions:
-                    observe(predictions)
+                observations = [
+                    (request_id, version, inputs, outputs)
+                    for *_, request_id, inputs, outputs in ok
+                    if outputs is not None
+                ]
+                if observations:
+                    observe(observations)

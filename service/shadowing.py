@@ -38,7 +38,7 @@ from monitoring.recorder import FidelityRecorder
 from monitoring.shadow import ShadowQueue, ShadowSample, ShadowWorker, should_shadow
 from monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teacher
 from service.cards import ModelCard, load_card, verify_model_file
-from service.inference import Inference, Prediction
+from service.inference import Inference, Observation
 from service.settings import ModelSettings, TeacherSettings
 from service.state import ServingState
 
@@ -101,7 +101,7 @@ class ModelShadow:
         """One successful prediction; see `observe_many`."""
         self.observe_many([(request_id, version, inputs, outputs)])
 
-    def observe_many(self, predictions: Sequence[Prediction]) -> None:
+    def observe_many(self, predictions: Sequence[Observation]) -> None:
         """Successful predictions, oldest first: never awaits, never raises on a full queue.
 
         The shadow fraction is read once per call: the predictions of one journal (at most

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import multiprocessing
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +41,11 @@ from monitoring.slo import Breach, Objective, objectives_for
 from monitoring.slo_monitor import Monitor
 from monitoring.webhook import Notifier, retrain_payload
 from service.cards import load_card
+from service.inference import InputTap
 from service.settings import ModelSettings, Settings
 
 log = logging.getLogger(__name__)
 
-InputTap = Callable[[Sequence[Mapping[str, np.ndarray[Any, Any]]]], None]
 LINKS = {"slo": "/v1/slo", "drift_report": "/v1/reports/drift"}
 
 

@@ -164,10 +164,8 @@ def array_from_data(
 # Per datatype: struct code (packing a flat list checks each value's type and range in C), the
 # little-endian dtype of the packed bytes, and the Python type of the sum of acceptable data.
 _PACKING: dict[str, tuple[str, np.dtype[Any], type]] = {
-    "FP32": ("f", np.dtype("<f4"), float),
-    "FP64": ("d", np.dtype("<f8"), float),
-    "INT32": ("i", np.dtype("<i4"), int),
-    "INT64": ("q", np.dtype("<i8"), int),
+    name: (code, NUMPY_DTYPES[name].newbyteorder("<"), float if code in "fd" else int)
+    for name, code in {"FP32": "f", "FP64": "d", "INT32": "i", "INT64": "q"}.items()
 }
 _FP32_MAX_BYTES = struct.pack("<f", _FLOAT_MAX[np.dtype(np.float32)])[:3]  # the sign byte apart
 
@@ -184,7 +182,7 @@ def packed_from_data(
     The usual request's data (a flat list of JSON floats) costs ~3 us here against ~9 through
     `array_from_data`, and far more in a busy server, where every numpy call finds its code and
     data evicted from the CPU caches. What it accepts, `array_from_data` accepts too, with the
-    same values (tests/unit/test_protocol_v2.py compares them on generated requests):
+    same values (tests/unit/test_tensors.py and test_protocol_v2.py compare them on generated data):
     - `sum` raises on anything but numbers (strings, null, nested lists); a finite sum shows
       that no value is NaN or infinite;
     - float datatypes need a float sum (at least one float: ints alone take the other way, which
