@@ -16,7 +16,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from service.cards import ModelCard, TensorSpec, load_card, model_path, sha256_file, write_card
+from kdgate.service.cards import (
+    ModelCard,
+    TensorSpec,
+    load_card,
+    model_path,
+    sha256_file,
+    write_card,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models" / "digits"

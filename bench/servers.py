@@ -38,7 +38,7 @@ def pin(core: int | None) -> list[str]:
 def kdgate_command() -> list[str]:
     """How to run the kdgate CLI: the console script if installed, else the module."""
     script = Path(sys.executable).parent / "kdgate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kdgate.service.cli"]
 
 
 def bench_server_command(module: str, onnx: Path, name: str, delay_ms: float = 0.0) -> list[str]:

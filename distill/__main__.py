@@ -1,7 +1,7 @@
-"""`python -m distill ...` is `kdgate distill ...`."""
+"""`python -m kdgate.distill ...` is `kdgate distill ...`."""
 
 import sys
 
-from distill.cli import main
+from kdgate.distill.cli import main
 
 sys.exit(main())

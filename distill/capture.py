@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from distill.data import N_CLASSES, N_FEATURES
-from distill.losses import UNLABELLED
+from kdgate.distill.data import N_CLASSES, N_FEATURES
+from kdgate.distill.losses import UNLABELLED
 
 
 class CaptureError(ValueError):

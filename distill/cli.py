@@ -15,12 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill.capture import CaptureError
-from distill.export import ParityError
-from distill.gates import GateFailure, GateThresholds
-from distill.pipeline import DistillConfig, run
-from distill.train import TrainSettings
-from service.cards import ModelFileMismatch
+from kdgate.distill.capture import CaptureError
+from kdgate.distill.export import ParityError
+from kdgate.distill.gates import GateFailure, GateThresholds
+from kdgate.distill.pipeline import DistillConfig, run
+from kdgate.distill.train import TrainSettings
+from kdgate.service.cards import ModelFileMismatch
 
 _DEFAULT = DistillConfig(out=Path("."))
 

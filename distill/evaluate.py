@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from monitoring import fidelity
+from kdgate.monitoring import fidelity
 
 Logits = npt.NDArray[np.floating]
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from distill.data import N_FEATURES
+from kdgate.distill.data import N_FEATURES
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from distill.data import CLASS_LABELS, N_CLASSES, N_FEATURES
-from distill.export import INPUT_NAME, OUTPUT_NAME
-from service.cards import ModelCard, TensorSpec, sha256_file
+from kdgate.distill.data import CLASS_LABELS, N_CLASSES, N_FEATURES
+from kdgate.distill.export import INPUT_NAME, OUTPUT_NAME
+from kdgate.service.cards import ModelCard, TensorSpec, sha256_file
 
 MODEL_NAME = "digits"
 

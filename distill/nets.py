@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.data import N_CLASSES, N_FEATURES
+from kdgate.distill.data import N_CLASSES, N_FEATURES
 
 PIXEL_MAX = 16.0
 

@@ -25,15 +25,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distill import evaluate, export, gates
-from distill.capture import load_capture
-from distill.data import DigitsSplit, Part, load_split
-from distill.losses import kd_loss
-from distill.model_card import build_card
-from distill.nets import count_parameters, student_mlp, teacher_cnn
-from distill.soft_labels import CacheKey, SoftLabelCache, default_cache_dir, teacher_logits
-from distill.train import TrainSettings, fit, seed_everything
-from service.cards import ModelCard, load_card, verify_model_file, write_card
+from kdgate.distill import evaluate, export, gates
+from kdgate.distill.capture import load_capture
+from kdgate.distill.data import DigitsSplit, Part, load_split
+from kdgate.distill.losses import kd_loss
+from kdgate.distill.model_card import build_card
+from kdgate.distill.nets import count_parameters, student_mlp, teacher_cnn
+from kdgate.distill.soft_labels import CacheKey, SoftLabelCache, default_cache_dir, teacher_logits
+from kdgate.distill.train import TrainSettings, fit, seed_everything
+from kdgate.service.cards import ModelCard, load_card, verify_model_file, write_card
 
 Array = npt.NDArray[np.float32]
 

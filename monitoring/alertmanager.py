@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from monitoring.webhook import retrain_payload
+from kdgate.monitoring.webhook import retrain_payload
 
 
 @dataclass(frozen=True)

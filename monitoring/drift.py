@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitoring.metrics import Metrics
+from kdgate.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from monitoring.recorder import TEACHER_VERSION, FidelityRecorder
+from kdgate.monitoring.recorder import TEACHER_VERSION, FidelityRecorder
 
 Tombstone = Literal["expired", "labelled"]
 

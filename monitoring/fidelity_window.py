@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from monitoring.fidelity import CALIBRATION_BINS, Calibration, Comparison, ece
-from monitoring.recorder import TEACHER_VERSION
-from monitoring.window import BucketedWindow
+from kdgate.monitoring.fidelity import CALIBRATION_BINS, Calibration, Comparison, ece
+from kdgate.monitoring.recorder import TEACHER_VERSION
+from kdgate.monitoring.window import BucketedWindow
 
 # Vector layout: [pairs, agreements, kl_sum] then calibration vs teacher, then vs labels, each
 # as samples[15], confidence[15], correct[15].

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
-from monitoring.slo_monitor import histogram_quantile
-from monitoring.window import BucketedWindow
+from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
+from kdgate.monitoring.slo_monitor import histogram_quantile
+from kdgate.monitoring.window import BucketedWindow
 
 _BUCKET = "kdgate_request_duration_seconds_bucket"
 _WIDTH = len(LATENCY_BUCKETS_SECONDS) + 1  # then +Inf

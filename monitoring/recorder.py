@@ -27,17 +27,17 @@ import numpy as np
 from numpy.typing import ArrayLike
 from prometheus_client.metrics import Counter
 
-from monitoring.fidelity import (
+from kdgate.monitoring.fidelity import (
     CALIBRATION_BINS,
     Calibration,
     Comparison,
     calibration_against,
     compare,
 )
-from monitoring.metrics import BulkHistogram, Metrics
+from kdgate.monitoring.metrics import BulkHistogram, Metrics
 
 if TYPE_CHECKING:
-    from monitoring.fidelity_window import FidelityWindow
+    from kdgate.monitoring.fidelity_window import FidelityWindow
 
 TEACHER_VERSION = "teacher"
 REFERENCES = ("teacher", "label")

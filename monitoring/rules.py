@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from monitoring.metrics import LATENCY_BUCKETS_SECONDS
-from monitoring.recorder import TEACHER_VERSION
-from monitoring.slo import Objective, SloConfig, objectives_for
-from monitoring.slo_monitor import le_label
+from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS
+from kdgate.monitoring.recorder import TEACHER_VERSION
+from kdgate.monitoring.slo import Objective, SloConfig, objectives_for
+from kdgate.monitoring.slo_monitor import le_label
 
 RULES_FILE = "kdgate-slo.rules.yml"
 LATENCY_TARGET = 0.95  # the latency objective is a P95: 5 % of requests may be slower

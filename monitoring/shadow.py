@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from monitoring.breaker import CircuitBreaker
-from monitoring.capture import CaptureStore
-from monitoring.feedback import FeedbackStore
-from monitoring.metrics import Metrics
-from monitoring.recorder import FidelityRecorder
-from monitoring.teacher import Teacher, TeacherError
+from kdgate.monitoring.breaker import CircuitBreaker
+from kdgate.monitoring.capture import CaptureStore
+from kdgate.monitoring.feedback import FeedbackStore
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.recorder import FidelityRecorder
+from kdgate.monitoring.teacher import Teacher, TeacherError
 
 log = logging.getLogger(__name__)
 

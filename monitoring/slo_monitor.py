@@ -35,10 +35,10 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client.utils import floatToGoString
 
-from monitoring.metrics import CALIBRATION_BINS, LATENCY_BUCKETS_SECONDS, Metrics
-from monitoring.recorder import TEACHER_VERSION
-from monitoring.slo import Breach, Objective, SloConfig, SloName
-from monitoring.window import BucketedWindow
+from kdgate.monitoring.metrics import CALIBRATION_BINS, LATENCY_BUCKETS_SECONDS, Metrics
+from kdgate.monitoring.recorder import TEACHER_VERSION
+from kdgate.monitoring.slo import Breach, Objective, SloConfig, SloName
+from kdgate.monitoring.window import BucketedWindow
 
 
 def histogram_quantile(q: float, upper_bounds: Sequence[float], counts: npt.ArrayLike) -> float:

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import orjson
 from numpy.typing import NDArray
 
-from monitoring.priority import lowest_thread_priority
+from kdgate.monitoring.priority import lowest_thread_priority
 
 Logits = NDArray[np.float32]
 

@@ -40,8 +40,8 @@ from typing import Any, Self
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from monitoring.metrics import Metrics
-from monitoring.outbox import Outbox, OutboxEntry
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.outbox import Outbox, OutboxEntry
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from service.auth import check_bearer
-from service.endpoints import JsonResponse
-from service.settings import Settings
-from service.traffic import Caller, TrafficControl
+from kdgate.service.auth import check_bearer
+from kdgate.service.endpoints import JsonResponse
+from kdgate.service.settings import Settings
+from kdgate.service.traffic import Caller, TrafficControl
 
 ADMIN_OFF = "the admin API is off: set admin.token (KDGATE_ADMIN__TOKEN) to turn it on"
 

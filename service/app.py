@@ -27,14 +27,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from monitoring.metrics import Metrics
-from service import schemas
-from service.admin import build_admin_router
-from service.endpoints import JsonResponse, build_router
-from service.errors import KdgateError
-from service.fastpath import match_infer
-from service.fidelity_api import build_fidelity_router
-from service.inference import (
+from kdgate.monitoring.metrics import Metrics
+from kdgate.service import schemas
+from kdgate.service.admin import build_admin_router
+from kdgate.service.endpoints import JsonResponse, build_router
+from kdgate.service.errors import KdgateError
+from kdgate.service.fastpath import match_infer
+from kdgate.service.fidelity_api import build_fidelity_router
+from kdgate.service.inference import (
     MODEL_VERSION,
     NO_VERSION,
     REQUEST_ID,
@@ -42,14 +42,14 @@ from service.inference import (
     Inference,
     new_request_id,
 )
-from service.protocol_v2 import valid_request_id
-from service.settings import Settings
-from service.shadowing import Shadowing
-from service.slo_api import build_slo_router
-from service.slo_runtime import SloRuntime
-from service.state import ServingState, StudentLoader, load_student
-from service.traffic import TrafficControl
-from service.traffic_store import TrafficStore
+from kdgate.service.protocol_v2 import valid_request_id
+from kdgate.service.settings import Settings
+from kdgate.service.shadowing import Shadowing
+from kdgate.service.slo_api import build_slo_router
+from kdgate.service.slo_runtime import SloRuntime
+from kdgate.service.state import ServingState, StudentLoader, load_student
+from kdgate.service.traffic import TrafficControl
+from kdgate.service.traffic_store import TrafficStore
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider

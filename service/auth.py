@@ -6,7 +6,7 @@ import hmac
 
 from pydantic import SecretStr
 
-from service.errors import Forbidden, Unauthorized
+from kdgate.service.errors import Forbidden, Unauthorized
 
 
 def check_bearer(authorization: str | None, token: SecretStr) -> None:

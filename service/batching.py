@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from service.tensors import Signature
+from kdgate.service.tensors import Signature
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from service.settings import load_settings
+from kdgate.service.settings import load_settings
 
 GIL_SWITCH_INTERVAL_SECONDS = 0.0002  # CPython's default is 0.005
 
@@ -22,7 +22,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run uvicorn on the configured app until SIGINT/SIGTERM (in-flight requests finish)."""
     import uvicorn
 
-    from service.app import create_app
+    from kdgate.service.app import create_app
 
     settings = load_settings(args.config)
     server = settings.server
@@ -52,22 +52,20 @@ def log_config(level: str) -> dict[str, Any]:
     """uvicorn's logging config plus kdgate's loggers on its stderr handler.
 
     Without this only uvicorn's own loggers have a handler, and kdgate's INFO lines (the admin
-    audit trail above all) would be dropped. `service.audit` logs at INFO whatever `level` is.
+    audit trail above all) would be dropped. `kdgate.audit` logs at INFO whatever `level` is.
     """
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
     ours = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    config["loggers"].update(
-        {"service": ours, "monitoring": ours, "service.audit": {"level": "INFO"}}
-    )
+    config["loggers"].update({"kdgate": ours, "kdgate.audit": {"level": "INFO"}})
     return config
 
 
 def rules(argv: list[str]) -> int:
     """`kdgate rules [--config FILE] [--out DIR | --stdout]`: Prometheus rules from `slo:`."""
-    from monitoring.rules import main_rules
-    from service.slo_runtime import model_objectives
+    from kdgate.monitoring.rules import main_rules
+    from kdgate.service.slo_runtime import model_objectives
 
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", type=Path)
@@ -100,12 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["distill"]:
         # distill/ pulls in torch: import it only when asked, and let it parse its own options.
-        distill_cli = importlib.import_module("distill.cli")
+        distill_cli = importlib.import_module("kdgate.distill.cli")
         return int(distill_cli.main(args_list[1:]) or 0)
     if args_list[:1] == ["rules"]:
         return rules(args_list[1:])
     if args_list[:1] == ["loadgen"]:
-        from service import loadgen
+        from kdgate.service import loadgen
 
         return loadgen.main(args_list[1:])
     args = build_parser().parse_args(args_list)

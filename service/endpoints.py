@@ -15,11 +15,11 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
-from service import schemas
-from service.errors import NotReady
-from service.inference import MODEL_VERSION, Inference, Reply
-from service.routing import Router
-from service.state import ServingState
+from kdgate.service import schemas
+from kdgate.service.errors import NotReady
+from kdgate.service.inference import MODEL_VERSION, Inference, Reply
+from kdgate.service.routing import Router
+from kdgate.service.state import ServingState
 
 SERVER_NAME = "kdgate"
 EXTENSIONS = ["binary_tensor_data"]

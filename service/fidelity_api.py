@@ -14,10 +14,10 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 
-from service.endpoints import JsonResponse
-from service.errors import InvalidInput, NotReady
-from service.inference import read_body
-from service.shadowing import ModelMonitoring, Shadowing
+from kdgate.service.endpoints import JsonResponse
+from kdgate.service.errors import InvalidInput, NotReady
+from kdgate.service.inference import read_body
+from kdgate.service.shadowing import ModelMonitoring, Shadowing
 
 _FEEDBACK_BODY = {
     "requestBody": {

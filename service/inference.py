@@ -35,10 +35,10 @@ from random import getrandbits
 from time import perf_counter
 from typing import Any
 
-from service import protocol_v1, protocol_v2
-from service.errors import InvalidInput, KdgateError, PayloadTooLarge, error_body
-from service.routing import Variant
-from service.state import ServingState
+from kdgate.service import protocol_v1, protocol_v2
+from kdgate.service.errors import InvalidInput, KdgateError, PayloadTooLarge, error_body
+from kdgate.service.routing import Variant
+from kdgate.service.state import ServingState
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from service.settings import default_models_dir
+from kdgate.service.settings import default_models_dir
 
 Drift = Literal["none", "noise", "invert", "shift"]
 DRIFTS: tuple[Drift, ...] = ("none", "noise", "invert", "shift")

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
-from service.errors import InvalidInput
-from service.tensors import (
+from kdgate.service.errors import InvalidInput
+from kdgate.service.tensors import (
     NUMPY_DTYPES,
     V2_DATATYPES,
     Signature,

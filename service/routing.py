@@ -19,12 +19,12 @@ from collections.abc import Mapping
 
 from prometheus_client.metrics import Counter
 
-from monitoring.metrics import BulkHistogram, Metrics
-from service.batching import Batcher, batchable
-from service.errors import ModelNotFound
-from service.runtime import StudentSession
-from service.settings import TrafficSettings
-from service.tensors import Signature
+from kdgate.monitoring.metrics import BulkHistogram, Metrics
+from kdgate.service.batching import Batcher, batchable
+from kdgate.service.errors import ModelNotFound
+from kdgate.service.runtime import StudentSession
+from kdgate.service.settings import TrafficSettings
+from kdgate.service.tensors import Signature
 
 PROTOCOLS = ("v2", "v1")
 COMMON_CODES = (200, 400, 404, 413, 500, 503)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.cards import ModelCard, load_card, verify_model_file
-from service.tensors import NUMPY_DTYPES, Signature
+from kdgate.service.cards import ModelCard, load_card, verify_model_file
+from kdgate.service.tensors import NUMPY_DTYPES, Signature
 
 # onnxruntime element type names for the card datatypes.
 _ORT_TYPES = {"FP32": "tensor(float)", "FP64": "tensor(double)", "INT32": "tensor(int32)",

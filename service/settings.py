@@ -27,11 +27,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-import service
-from monitoring.drift import DriftConfig
-from monitoring.recorder import TEACHER_VERSION
-from monitoring.slo import SloConfig
-from monitoring.webhook import WebhookConfig
+import kdgate
+from kdgate.monitoring.drift import DriftConfig
+from kdgate.monitoring.recorder import TEACHER_VERSION
+from kdgate.monitoring.slo import SloConfig
+from kdgate.monitoring.webhook import WebhookConfig
 
 CONFIG_ENV_VAR = "KDGATE_CONFIG"
 
@@ -42,8 +42,8 @@ PLACEHOLDER_SECRETS = frozenset(
 
 
 def default_models_dir() -> Path:
-    """The committed model pair shipped with the repository (`<repo>/models`)."""
-    return Path(service.__file__).resolve().parents[1] / "models"
+    """The embedded model pair: package data when installed, `<repo>/models` in a checkout."""
+    return kdgate.MODELS_DIR
 
 
 class _Section(BaseModel):

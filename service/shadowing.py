@@ -29,23 +29,23 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 
-from monitoring.breaker import CircuitBreaker
-from monitoring.capture import CaptureStore
-from monitoring.feedback import FeedbackStore
-from monitoring.fidelity_window import FidelityWindow
-from monitoring.latency_window import LatencyWindow
-from monitoring.recorder import FidelityRecorder
-from monitoring.shadow import ShadowQueue, ShadowSample, ShadowWorker, should_shadow
-from monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teacher
-from service.cards import ModelCard, load_card, verify_model_file
-from service.inference import Inference, Observation
-from service.settings import ModelSettings, TeacherSettings
-from service.state import ServingState
+from kdgate.monitoring.breaker import CircuitBreaker
+from kdgate.monitoring.capture import CaptureStore
+from kdgate.monitoring.feedback import FeedbackStore
+from kdgate.monitoring.fidelity_window import FidelityWindow
+from kdgate.monitoring.latency_window import LatencyWindow
+from kdgate.monitoring.recorder import FidelityRecorder
+from kdgate.monitoring.shadow import ShadowQueue, ShadowSample, ShadowWorker, should_shadow
+from kdgate.monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teacher
+from kdgate.service.cards import ModelCard, load_card, verify_model_file
+from kdgate.service.inference import Inference, Observation
+from kdgate.service.settings import ModelSettings, TeacherSettings
+from kdgate.service.state import ServingState
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
-    from service.tracing import Tracing
+    from kdgate.service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,11 @@ class Shadowing:
         environ = os.environ if self._environ is None else self._environ
         if self._tracer_provider is None:
             # Import lazily: with tracing off, opentelemetry is never loaded.
-            from service.tracing import tracing_configured
+            from kdgate.service.tracing import tracing_configured
 
             if not tracing_configured(environ):
                 return None
-        from service.tracing import Tracing, provider_from_env
+        from kdgate.service.tracing import Tracing, provider_from_env
 
         if self._tracer_provider is not None:
             return Tracing(self._tracer_provider, owned=False)

@@ -18,12 +18,12 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.exceptions import HTTPException
 
-from monitoring.alertmanager import retrain_requests
-from service.auth import check_bearer
-from service.endpoints import JsonResponse
-from service.errors import InvalidInput, ModelNotFound, NotReady
-from service.settings import Settings
-from service.slo_runtime import SloRuntime
+from kdgate.monitoring.alertmanager import retrain_requests
+from kdgate.service.auth import check_bearer
+from kdgate.service.endpoints import JsonResponse
+from kdgate.service.errors import InvalidInput, ModelNotFound, NotReady
+from kdgate.service.settings import Settings
+from kdgate.service.slo_runtime import SloRuntime
 
 
 def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:

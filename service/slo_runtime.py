@@ -33,16 +33,16 @@ from typing import Any
 import httpx
 import numpy as np
 
-from monitoring.drift import DriftJob, InputBuffer, load_reference
-from monitoring.metrics import Metrics
-from monitoring.outbox import Outbox
-from monitoring.priority import lowest_process_priority
-from monitoring.slo import Breach, Objective, objectives_for
-from monitoring.slo_monitor import Monitor
-from monitoring.webhook import Notifier, retrain_payload
-from service.cards import load_card
-from service.inference import InputTap
-from service.settings import ModelSettings, Settings
+from kdgate.monitoring.drift import DriftJob, InputBuffer, load_reference
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.outbox import Outbox
+from kdgate.monitoring.priority import lowest_process_priority
+from kdgate.monitoring.slo import Breach, Objective, objectives_for
+from kdgate.monitoring.slo_monitor import Monitor
+from kdgate.monitoring.webhook import Notifier, retrain_payload
+from kdgate.service.cards import load_card
+from kdgate.service.inference import InputTap
+from kdgate.service.settings import ModelSettings, Settings
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from monitoring.metrics import Metrics
-from service.errors import ModelNotFound, NotReady
-from service.routing import RequestCounters, Router, Variant
-from service.runtime import StudentSession
-from service.settings import ServerSettings, Settings, StudentSettings
+from kdgate.monitoring.metrics import Metrics
+from kdgate.service.errors import ModelNotFound, NotReady
+from kdgate.service.routing import RequestCounters, Router, Variant
+from kdgate.service.runtime import StudentSession
+from kdgate.service.settings import ServerSettings, Settings, StudentSettings
 
 StudentLoader = Callable[[StudentSettings, ServerSettings], StudentSession]
 

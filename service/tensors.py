@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from service.cards import ModelCard, TensorSpec
-from service.errors import InvalidInput
+from kdgate.service.cards import ModelCard, TensorSpec
+from kdgate.service.errors import InvalidInput
 
 # Open Inference Protocol datatype -> numpy dtype, for the datatypes a card may declare.
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {

@@ -26,10 +26,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TracerProvider
 
-from monitoring.shadow import ShadowSample, TraceHook
-from service.endpoints import package_version
-from service.inference import MODEL_VERSION, Inference, RawHeaders, Receive, Reply
-from service.state import ServingState
+from kdgate.monitoring.shadow import ShadowSample, TraceHook
+from kdgate.service.endpoints import package_version
+from kdgate.service.inference import MODEL_VERSION, Inference, RawHeaders, Receive, Reply
+from kdgate.service.state import ServingState
 
 _EXPORTERS = ("otlp", "console")
 _ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")

@@ -26,15 +26,15 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from service.cards import ModelCard, load_card
-from service.errors import InvalidInput, KdgateError
-from service.routing import Router, Variant
-from service.settings import StudentSettings, TrafficSettings
-from service.state import ServingState, StudentLoader
-from service.traffic_store import SavedModel, TrafficStore
+from kdgate.service.cards import ModelCard, load_card
+from kdgate.service.errors import InvalidInput, KdgateError
+from kdgate.service.routing import Router, Variant
+from kdgate.service.settings import StudentSettings, TrafficSettings
+from kdgate.service.state import ServingState, StudentLoader
+from kdgate.service.traffic_store import SavedModel, TrafficStore
 
 log = logging.getLogger(__name__)
-audit_log = logging.getLogger("service.audit")
+audit_log = logging.getLogger("kdgate.audit")
 
 _DRAIN_POLL_SECONDS = 0.01
 

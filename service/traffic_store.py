@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.settings import ModelSettings, Settings, StudentSettings, TrafficSettings
+from kdgate.service.settings import ModelSettings, Settings, StudentSettings, TrafficSettings
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stopping.set())
     with running_stack(args.workdir, keys, ports=ports) as stack:
         loadgen = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "loadgen", "--url", stack.gateway.url,
+            [sys.executable, "-m", "kdgate.service.cli", "loadgen", "--url", stack.gateway.url,
              "--rate", str(args.rate), "--duration", "1e9", "--feedback", "0.5",
              "--drift", args.drift],
             cwd=ROOT,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from monitoring.webhook import verify
+from kdgate.monitoring.webhook import verify
 
 RETRAIN_PATH = "/retrain"
 

@@ -87,7 +87,7 @@ def _kdgate(config: Path, port: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "service.cli",
+        "kdgate.service.cli",
         "serve",
         "--config",
         str(config),

@@ -77,7 +77,7 @@ def legend(template: str, labels: dict[str, str]) -> str:
 
 def loadgen(url: str, seconds: float, drift: str, rate: float) -> None:
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "loadgen", "--url", url, "--rate", str(rate),
+        [sys.executable, "-m", "kdgate.service.cli", "loadgen", "--url", url, "--rate", str(rate),
          "--duration", str(seconds), "--drift", drift, "--feedback", "0.5"],
         cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip

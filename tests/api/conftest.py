@@ -9,8 +9,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.app import create_app
-from service.settings import load_settings
+from kdgate.service.app import create_app
+from kdgate.service.settings import load_settings
 from tests.support.asgi import running
 from tests.support.tiny_model import write_config
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.app import create_app
-from service.settings import Settings, load_settings
+from kdgate.service.app import create_app
+from kdgate.service.settings import Settings, load_settings
 from tests.support.asgi import running
 from tests.support.tiny_model import reference_logits
 from tests.support.traffic import (
@@ -308,9 +308,9 @@ async def test_rollback_without_a_previous_split_is_400(admin: httpx.AsyncClient
 async def test_changes_are_audited_without_the_token(
     admin: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.audit")
+    caplog.set_level(logging.INFO, logger="kdgate.audit")
     await admin.put(TRAFFIC, headers=AUTH, json={"weights": {"1": 80, "2": 20}})
-    (record,) = [r for r in caplog.records if r.name == "service.audit"]
+    (record,) = [r for r in caplog.records if r.name == "kdgate.audit"]
     line = json.loads(record.getMessage().removeprefix("audit "))
     assert line["action"] == "traffic.put" and line["model"] == "digits"
     assert line["who"].startswith("sha256:") and line["from"] == "127.0.0.1"

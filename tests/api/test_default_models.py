@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.app import create_app
-from service.settings import default_models_dir, load_settings
+from kdgate.service.app import create_app
+from kdgate.service.settings import default_models_dir, load_settings
 from tests.support.asgi import running
 
 pytestmark = pytest.mark.anyio

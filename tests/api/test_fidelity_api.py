@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from sklearn.datasets import load_digits
 
-from service.app import create_app
-from service.settings import AdminSettings, Settings
+from kdgate.service.app import create_app
+from kdgate.service.settings import AdminSettings, Settings
 from tests.support.asgi import running
 from tests.support.fidelity_reference import DIGITS, brute_force_ece, onnx_logits
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.app import create_app
-from service.runtime import StudentSession
-from service.settings import ServerSettings, StudentSettings, load_settings
-from service.state import load_student
+from kdgate.service.app import create_app
+from kdgate.service.runtime import StudentSession
+from kdgate.service.settings import ServerSettings, StudentSettings, load_settings
+from kdgate.service.state import load_student
 from tests.support.asgi import running
 
 pytestmark = pytest.mark.anyio
@@ -117,7 +117,7 @@ async def test_not_ready_until_the_models_are_warm(config_file: Path) -> None:
 
 
 async def test_a_tampered_model_never_serves(tmp_path: Path) -> None:
-    from service.cards import ModelFileMismatch
+    from kdgate.service.cards import ModelFileMismatch
     from tests.support.tiny_model import write_config
 
     config = write_config(tmp_path)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service import inference
-from service.inference import JOURNAL_ROWS, JOURNAL_SECONDS
+from kdgate.service import inference
+from kdgate.service.inference import JOURNAL_ROWS, JOURNAL_SECONDS
 from tests.support.tiny_model import reference_logits
 from tests.support.v2 import binary_request, json_request, read_binary_response
 

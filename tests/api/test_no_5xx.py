@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from service.app import create_app
-from service.settings import load_settings
+from kdgate.service.app import create_app
+from kdgate.service.settings import load_settings
 from tests.support.asgi import SyncClient
 from tests.support.tiny_model import write_config
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.slo import SLO_NAMES
-from service.app import create_app
-from service.settings import Settings, default_models_dir
+from kdgate.monitoring.slo import SLO_NAMES
+from kdgate.service.app import create_app
+from kdgate.service.settings import Settings, default_models_dir
 from tests.support.asgi import running
 
 pytestmark = pytest.mark.anyio

@@ -12,10 +12,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
-from service.app import create_app
-from service.inference import Inference
-from service.settings import Settings
-from service.tracing import provider_from_env, tracing_configured
+from kdgate.service.app import create_app
+from kdgate.service.inference import Inference
+from kdgate.service.settings import Settings
+from kdgate.service.tracing import provider_from_env, tracing_configured
 from tests.support.asgi import running
 from tests.support.fidelity_reference import DIGITS
 

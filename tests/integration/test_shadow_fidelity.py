@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from distill.data import load_split
+from kdgate.distill.data import load_split
 from tests.support.fidelity_reference import DIGITS, expected, from_metrics, onnx_logits, value
 from tests.support.live_server import LiveServer, live_server
 from tests.support.slow_teacher import closed_port, stub_teacher

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from service.app import KdgateApp
+from kdgate.service.app import KdgateApp
 
 
 @asynccontextmanager

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from service.loadgen import Drift, LoadConfig, LoadStats, run_load
-from service.settings import default_models_dir
+from kdgate.service.loadgen import Drift, LoadConfig, LoadStats, run_load
+from kdgate.service.settings import default_models_dir
 
 TOKEN = "test-admin-token-0123456789"  # a test credential
 

@@ -23,8 +23,17 @@ LiveServer = Listening
 
 @contextmanager
 def live_server(config: Path, *, deadline_seconds: float = 60.0) -> Iterator[LiveServer]:
-    """Start `python -m service.cli serve --config CONFIG --port 0`; yield once it is ready."""
-    command = [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--port", "0"]
+    """Start `python -m kdgate.service.cli serve --config CONFIG --port 0`; yield once ready."""
+    command = [
+        sys.executable,
+        "-m",
+        "kdgate.service.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        "0",
+    ]
     deadline = time.monotonic() + deadline_seconds
     with listening(
         command, KDGATE, env=without_kdgate_env(), cwd=REPO, deadline_seconds=deadline_seconds

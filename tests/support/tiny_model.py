@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.cards import ModelCard, TensorSpec, sha256_file, write_card
+from kdgate.service.cards import ModelCard, TensorSpec, sha256_file, write_card
 
 HIDDEN = 16
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from service.cards import load_card, model_path
+from kdgate.service.cards import load_card, model_path
 from tests.support.tiny_model import write_config, write_tiny_student
 from tests.support.v2 import json_request
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from service.loadgen import LoadConfig, run_load
+from kdgate.service.loadgen import LoadConfig, run_load
 from stack.run import Ports, Secrets, Stack, running_stack
 from tests.support.dashboards import panel_queries
 from tests.support.live_server import REPO
@@ -77,7 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     rules_config.write_text(yaml.safe_dump({"slo": slo}))
     rendered = workdir / "rules"
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "rules", "--config", str(rules_config),
+        [sys.executable, "-m", "kdgate.service.cli", "rules", "--config", str(rules_config),
          "--out", str(rendered)],
         cwd=REPO, check=True, capture_output=True,
     )  # fmt: skip

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from distill.data import load_split
+from kdgate.distill.data import load_split
 from tests.support.fidelity_reference import DIGITS
 from tests.support.live_server import live_server
 from tests.support.prometheus_server import prometheus, prometheus_binary

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from monitoring.outbox import Outbox
+from kdgate.monitoring.outbox import Outbox
 from stack.receiver import reserve_port, webhook_receiver
 from tests.support.gateway import TOKEN, traffic, write_slo_config
 from tests.support.live_server import LiveServer, live_server

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import Metrics
-from monitoring.rules import RULES_FILE, render_rules, write_rules
-from monitoring.slo import SloConfig, objectives_for
-from monitoring.slo_monitor import Monitor
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.rules import RULES_FILE, render_rules, write_rules
+from kdgate.monitoring.slo import SloConfig, objectives_for
+from kdgate.monitoring.slo_monitor import Monitor
 
 pytestmark = pytest.mark.system
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from monitoring.alertmanager import retrain_requests
-from monitoring.outbox import Outbox
-from monitoring.webhook import EVENT_TYPE
+from kdgate.monitoring.alertmanager import retrain_requests
+from kdgate.monitoring.outbox import Outbox
+from kdgate.monitoring.webhook import EVENT_TYPE
 
 
 def alert(status: str = "firing", fingerprint: str = "abc123", **labels: str) -> dict[str, Any]:

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import Batcher, batchable
-from service.cards import TensorSpec
-from service.runtime import StudentSession
-from service.tensors import Signature
+from kdgate.service.batching import Batcher, batchable
+from kdgate.service.cards import TensorSpec
+from kdgate.service.runtime import StudentSession
+from kdgate.service.tensors import Signature
 from tests.support.tiny_model import write_tiny_student
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,7 @@ import yaml
 
 from bench import scenarios
 from bench.model import MODELS_DIR
-from service.settings import load_settings
+from kdgate.service.settings import load_settings
 
 
 def test_deep_merge_merges_mappings_replaces_the_rest_and_mutates_nothing() -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from monitoring.breaker import CircuitBreaker
+from kdgate.monitoring.breaker import CircuitBreaker
 
 
 class Clock:

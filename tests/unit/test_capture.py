@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.capture import CaptureStore, rows_in_segment
+from kdgate.monitoring.capture import CaptureStore, rows_in_segment
 
 
 class Clock:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cards import (
+from kdgate.service.cards import (
     ModelCard,
     ModelFileMismatch,
     load_card,

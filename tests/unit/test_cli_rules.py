@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monitoring.rules import RULES_FILE
-from service.cli import main
+from kdgate.monitoring.rules import RULES_FILE
+from kdgate.service.cli import main
 
 COMMITTED = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules" / RULES_FILE
 

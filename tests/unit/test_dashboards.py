@@ -20,7 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from monitoring.metrics import Metrics
+from kdgate.monitoring.metrics import Metrics
 from tests.support.dashboards import (
     DASHBOARDS_DIR,
     iter_panels,

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from scipy.special import log_softmax, softmax
 
-from distill.data import load_split
-from service.cards import ModelCard, load_card, sha256_file, verify_model_file
+from kdgate.distill.data import load_split
+from kdgate.service.cards import ModelCard, load_card, sha256_file, verify_model_file
 
 MODELS = Path(__file__).resolve().parents[2] / "models" / "digits"
 ROW = 1 / 360  # one test row, as a fraction of the test split

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import load_settings
+from kdgate.service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

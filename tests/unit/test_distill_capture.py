@@ -4,7 +4,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from distill.capture import CaptureError, load_capture
+from kdgate.distill.capture import CaptureError, load_capture
 
 RNG = np.random.default_rng(3)
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.cli import main
-from distill.data import load_split
-from distill.export import run, session
-from service.cards import load_card
+from kdgate.distill.cli import main
+from kdgate.distill.data import load_split
+from kdgate.distill.export import run, session
+from kdgate.service.cards import load_card
 
 MODELS = Path(__file__).resolve().parents[2] / "models" / "digits"
 
@@ -62,7 +62,10 @@ def test_bad_arguments_exit_2() -> None:
 
 def test_python_dash_m_distill() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "kdgate.distill", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0
     assert "--capture" in done.stdout and "--student-version" in done.stdout

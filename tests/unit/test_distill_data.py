@@ -1,6 +1,6 @@
 import numpy as np
 
-from distill.data import load_split
+from kdgate.distill.data import load_split
 
 
 def test_split_is_stratified_disjoint_and_complete() -> None:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.special import rel_entr, softmax
 
-from distill import evaluate
+from kdgate.distill import evaluate
 
 
 def _ece_brute_force(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:

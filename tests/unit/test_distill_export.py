@@ -4,9 +4,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from distill.data import load_split
-from distill.export import ParityError, check_parity, export_onnx, run, session
-from distill.nets import student_mlp, teacher_cnn
+from kdgate.distill.data import load_split
+from kdgate.distill.export import ParityError, check_parity, export_onnx, run, session
+from kdgate.distill.nets import student_mlp, teacher_cnn
 
 
 @pytest.fixture(scope="module")

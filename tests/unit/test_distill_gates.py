@@ -3,11 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill import evaluate
-from distill.data import load_split
-from distill.export import run, session
-from distill.gates import GateFailure, GateThresholds, Measured, enforce
-from distill.gates import evaluate as judge
+from kdgate.distill import evaluate
+from kdgate.distill.data import load_split
+from kdgate.distill.export import run, session
+from kdgate.distill.gates import GateFailure, GateThresholds, Measured, enforce
+from kdgate.distill.gates import evaluate as judge
 
 MODELS = Path(__file__).resolve().parents[2] / "models" / "digits"
 

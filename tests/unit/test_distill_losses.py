@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from distill.losses import UNLABELLED, kd_loss
+from kdgate.distill.losses import UNLABELLED, kd_loss
 
 
 def _brute_force(

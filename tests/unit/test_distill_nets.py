@@ -1,6 +1,6 @@
 import torch
 
-from distill.nets import count_parameters, student_mlp, teacher_cnn
+from kdgate.distill.nets import count_parameters, student_mlp, teacher_cnn
 
 
 def test_sizes_and_shapes() -> None:

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from distill.gates import GateFailure
-from distill.pipeline import DistillConfig, run
-from distill.train import TrainSettings
-from service.cards import load_card, sha256_file
+from kdgate.distill.gates import GateFailure
+from kdgate.distill.pipeline import DistillConfig, run
+from kdgate.distill.train import TrainSettings
+from kdgate.service.cards import load_card, sha256_file
 
 TEACHER_CARD = Path(__file__).resolve().parents[2] / "models" / "digits" / "teacher.card.json"
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.soft_labels import CacheKey, SoftLabelCache, default_cache_dir, teacher_logits
+from kdgate.distill.soft_labels import CacheKey, SoftLabelCache, default_cache_dir, teacher_logits
 
 
 class SpyTeacher:

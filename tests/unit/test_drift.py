@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sklearn.datasets import load_digits
 
-from monitoring.drift import (
+from kdgate.monitoring.drift import (
     DriftConfig,
     DriftJob,
     InputBuffer,
@@ -21,7 +21,7 @@ from monitoring.drift import (
     numpy_drift,
     psi,
 )
-from monitoring.metrics import Metrics
+from kdgate.monitoring.metrics import Metrics
 
 
 def brute_force_psi(reference: list[float], current: list[float]) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.fastpath import match_infer
+from kdgate.service.fastpath import match_infer
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.feedback import FeedbackStore
-from monitoring.fidelity_window import FidelityWindow
-from monitoring.metrics import Metrics
-from monitoring.recorder import TEACHER_VERSION, FidelityRecorder
+from kdgate.monitoring.feedback import FeedbackStore
+from kdgate.monitoring.fidelity_window import FidelityWindow
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.recorder import TEACHER_VERSION, FidelityRecorder
 
 
 class Clock:

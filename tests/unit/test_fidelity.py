@@ -10,8 +10,8 @@ from scipy.special import log_softmax as scipy_log_softmax
 from scipy.special import rel_entr
 from scipy.stats import entropy
 
-from monitoring import fidelity
-from monitoring.fidelity import CALIBRATION_BINS
+from kdgate.monitoring import fidelity
+from kdgate.monitoring.fidelity import CALIBRATION_BINS
 
 
 def _logits(seed: int, n: int = 200, c: int = 10, scale: float = 3.0) -> np.ndarray:

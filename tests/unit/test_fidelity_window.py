@@ -3,10 +3,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from scipy.stats import entropy
 
-from monitoring import fidelity
-from monitoring.fidelity_window import FidelityWindow
-from monitoring.metrics import Metrics
-from monitoring.recorder import TEACHER_VERSION, FidelityRecorder
+from kdgate.monitoring import fidelity
+from kdgate.monitoring.fidelity_window import FidelityWindow
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.recorder import TEACHER_VERSION, FidelityRecorder
 
 
 class Clock:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from service.errors import PayloadTooLarge
-from service.inference import ClientDisconnected, new_request_id, read_body, request_ids
+from kdgate.service.errors import PayloadTooLarge
+from kdgate.service.inference import ClientDisconnected, new_request_id, read_body, request_ids
 
 pytestmark = pytest.mark.anyio
 

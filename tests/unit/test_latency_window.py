@@ -7,8 +7,8 @@ from itertools import pairwise
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from monitoring.latency_window import LatencyWindow
-from monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
+from kdgate.monitoring.latency_window import LatencyWindow
+from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
 
 
 class Clock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.loadgen import drifted, main
+from kdgate.service.loadgen import drifted, main
 
 ROWS = np.random.default_rng(0).integers(0, 17, (20, 64)).astype(np.float32)
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitoring.metrics import LATENCY_BUCKETS_SECONDS, BulkHistogram, Metrics
+from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, BulkHistogram, Metrics
 
 
 def _histograms() -> tuple[BulkHistogram, BulkHistogram, CollectorRegistry, CollectorRegistry]:

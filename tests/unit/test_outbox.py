@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from monitoring.outbox import Outbox
+from kdgate.monitoring.outbox import Outbox
 
 
 class FakeClock:

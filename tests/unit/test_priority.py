@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from monitoring.priority import LOWEST, lowest_process_priority, lowest_thread_priority
-from monitoring.teacher import LocalOnnxTeacher
+from kdgate.monitoring.priority import LOWEST, lowest_process_priority, lowest_thread_priority
+from kdgate.monitoring.teacher import LocalOnnxTeacher
 
 
 def thread_nice() -> int:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.cards import TensorSpec
-from service.errors import InvalidInput
-from service.protocol_v2 import (
+from kdgate.service.cards import TensorSpec
+from kdgate.service.errors import InvalidInput
+from kdgate.service.protocol_v2 import (
     OutputRequest,
     V2Request,
     _decode_common,
@@ -22,7 +22,7 @@ from service.protocol_v2 import (
     parse_header_length,
     parse_json,
 )
-from service.tensors import Signature
+from kdgate.service.tensors import Signature
 
 SIG = Signature(
     inputs={

@@ -3,9 +3,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from scipy.stats import entropy
 
-from monitoring import fidelity, metrics
-from monitoring.metrics import Metrics
-from monitoring.recorder import TEACHER_VERSION, FidelityRecorder
+from kdgate.monitoring import fidelity, metrics
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.recorder import TEACHER_VERSION, FidelityRecorder
 
 
 def _scores(seed: int, n: int, c: int = 10) -> np.ndarray:

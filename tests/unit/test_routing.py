@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import Metrics
-from service.errors import ModelNotFound
-from service.routing import Router, Variant
-from service.runtime import StudentSession
-from service.settings import TrafficSettings
+from kdgate.monitoring.metrics import Metrics
+from kdgate.service.errors import ModelNotFound
+from kdgate.service.routing import Router, Variant
+from kdgate.service.runtime import StudentSession
+from kdgate.service.settings import TrafficSettings
 from tests.support.tiny_model import write_tiny_student
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monitoring.metrics import LATENCY_BUCKETS_SECONDS
-from monitoring.rules import (
+from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS
+from kdgate.monitoring.rules import (
     RULES_FILE,
     dump_rules,
     duration,
@@ -16,7 +16,7 @@ from monitoring.rules import (
     main_rules,
     render_rules,
 )
-from monitoring.slo import SloConfig, objectives_for
+from kdgate.monitoring.slo import SloConfig, objectives_for
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOKS = {"latency", "agreement-drop", "kl", "calibration", "input-drift"}

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cards import ModelFileMismatch, load_card, write_card
-from service.runtime import SignatureMismatch, StudentSession
+from kdgate.service.cards import ModelFileMismatch, load_card, write_card
+from kdgate.service.runtime import SignatureMismatch, StudentSession
 from tests.support.tiny_model import reference_logits, write_tiny_student
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from service.settings import Settings, default_models_dir, load_settings
+from kdgate.service.settings import Settings, default_models_dir, load_settings
 
 
 def write(tmp_path: Path, config: dict[str, object]) -> Path:

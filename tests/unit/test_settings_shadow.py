@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from kdgate.service.settings import Settings
 
 
 def model(**overrides: Any) -> dict[str, Any]:

@@ -9,14 +9,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from scipy.stats import entropy
 
-from monitoring import fidelity
-from monitoring.breaker import CircuitBreaker
-from monitoring.capture import CaptureStore
-from monitoring.feedback import FeedbackStore
-from monitoring.metrics import Metrics
-from monitoring.recorder import FidelityRecorder
-from monitoring.shadow import ShadowQueue, ShadowSample, ShadowWorker, should_shadow
-from monitoring.teacher import TeacherError
+from kdgate.monitoring import fidelity
+from kdgate.monitoring.breaker import CircuitBreaker
+from kdgate.monitoring.capture import CaptureStore
+from kdgate.monitoring.feedback import FeedbackStore
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.recorder import FidelityRecorder
+from kdgate.monitoring.shadow import ShadowQueue, ShadowSample, ShadowWorker, should_shadow
+from kdgate.monitoring.teacher import TeacherError
 
 RNG = np.random.default_rng(42)
 W_TEACHER = RNG.normal(size=(8, 5)).astype(np.float32)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.feedback import FeedbackStore
-from monitoring.metrics import Metrics
-from monitoring.recorder import FidelityRecorder
-from monitoring.shadow import ShadowQueue
-from service.shadowing import ModelShadow
+from kdgate.monitoring.feedback import FeedbackStore
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.recorder import FidelityRecorder
+from kdgate.monitoring.shadow import ShadowQueue
+from kdgate.service.shadowing import ModelShadow
 
 
 def hook(fraction: float, capacity_rows: int = 100) -> tuple[ModelShadow, ShadowQueue, Metrics]:

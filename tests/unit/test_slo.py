@@ -7,8 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from monitoring.slo import SloConfig, card_figure, objectives_for
-from service.settings import default_models_dir
+from kdgate.monitoring.slo import SloConfig, card_figure, objectives_for
+from kdgate.service.settings import default_models_dir
 
 
 def by_slo(objectives):

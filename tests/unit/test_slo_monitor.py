@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
-from monitoring.slo import Breach, SloConfig, objectives_for
-from monitoring.slo_monitor import Monitor, histogram_quantile
+from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
+from kdgate.monitoring.slo import Breach, SloConfig, objectives_for
+from kdgate.monitoring.slo_monitor import Monitor, histogram_quantile
 
 
 class FakeClock:

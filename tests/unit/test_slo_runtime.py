@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.drift import InputBuffer
-from monitoring.slo import SloConfig, objectives_for
-from service.settings import Settings, default_models_dir, load_settings
-from service.slo_runtime import _tap, loosest, model_objectives, reference_path
+from kdgate.monitoring.drift import InputBuffer
+from kdgate.monitoring.slo import SloConfig, objectives_for
+from kdgate.service.settings import Settings, default_models_dir, load_settings
+from kdgate.service.slo_runtime import _tap, loosest, model_objectives, reference_path
 
 
 def test_default_pair_keeps_every_default_objective() -> None:

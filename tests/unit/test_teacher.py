@@ -11,7 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, TeacherError, checked_logits
+from kdgate.monitoring.teacher import (
+    LocalOnnxTeacher,
+    RemoteOipTeacher,
+    TeacherError,
+    checked_logits,
+)
 
 RNG = np.random.default_rng(0)
 W = RNG.normal(size=(64, 10)).astype(np.float32)

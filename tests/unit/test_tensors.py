@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.cards import TensorSpec
-from service.errors import InvalidInput
-from service.tensors import NUMPY_DTYPES, array_from_data, check_shape, packed_from_data
+from kdgate.service.cards import TensorSpec
+from kdgate.service.errors import InvalidInput
+from kdgate.service.tensors import NUMPY_DTYPES, array_from_data, check_shape, packed_from_data
 
 FP32 = np.dtype(np.float32)
 FP64 = np.dtype(np.float64)

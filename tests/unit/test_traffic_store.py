@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings, StudentSettings, TrafficSettings, load_settings
-from service.traffic_store import FILE_NAME, SavedModel, SavedTraffic, TrafficStore
+from kdgate.service.settings import Settings, StudentSettings, TrafficSettings, load_settings
+from kdgate.service.traffic_store import FILE_NAME, SavedModel, SavedTraffic, TrafficStore
 from tests.support.traffic import write_admin_config
 
 

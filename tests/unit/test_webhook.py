@@ -19,9 +19,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from monitoring.metrics import Metrics
-from monitoring.outbox import Outbox
-from monitoring.webhook import (
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.outbox import Outbox
+from kdgate.monitoring.webhook import (
     EVENT_TYPE,
     Notifier,
     WebhookConfig,

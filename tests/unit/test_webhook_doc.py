@@ -14,9 +14,9 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import Metrics
-from monitoring.outbox import Outbox
-from monitoring.webhook import Notifier, WebhookConfig, retrain_payload
+from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.outbox import Outbox
+from kdgate.monitoring.webhook import Notifier, WebhookConfig, retrain_payload
 
 pytestmark = pytest.mark.anyio
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitoring.window import BucketedWindow
+from kdgate.monitoring.window import BucketedWindow
 
 
 class Clock:
