@@ -123,7 +123,9 @@ def _with_identity_headers(scope: Scope, send: Send) -> Send:
 
 async def _kdgate_error(_: Request, exc: Exception) -> JsonResponse:
     assert isinstance(exc, KdgateError)
-    return JsonResponse({"error": exc.message}, status_code=exc.status_code)
+    response = JsonResponse({"error": exc.message}, status_code=exc.status_code)
+    response.raw_headers.extend(exc.headers)
+    return response
 
 
 async def _http_error(_: Request, exc: Exception) -> JsonResponse:

@@ -5,12 +5,13 @@
     ├── Unauthorized (401)       no or wrong bearer token
     ├── Forbidden (403)          the token is valid but may not do this
     ├── ModelNotFound (404)      unknown model or version
+    ├── RequestTimeout (408)     the body did not arrive within server.body_timeout_seconds
     ├── PayloadTooLarge (413)    the body is over server.max_body_bytes
     └── NotReady (503)           the model is still loading or warming up
 
-Each response body is `{"error": "<what was wrong and what was expected>"}`. One handler,
-registered on the base class, renders them all (Starlette resolves handlers by MRO); the raw
-inference path renders them with `error_body` directly.
+Each response body is `{"error": "<what was wrong and what was expected>"}`, with the class's
+`headers` added. One handler, registered on the base class, renders them all (Starlette resolves
+handlers by MRO); the raw inference path renders them with `error_body` directly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class KdgateError(Exception):
     """Base of every kdgate error; `status_code` is the HTTP status it maps to."""
 
     status_code: ClassVar[int] = 500
+    # Raw (lower-case) response headers every response for this error carries.
+    headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -52,6 +55,14 @@ class ModelNotFound(KdgateError):
     """Unknown model name or version (404)."""
 
     status_code = 404
+
+
+class RequestTimeout(KdgateError):
+    """The client did not send its whole body in time (408); the connection is closed, since
+    the rest of that body may still be on its way."""
+
+    status_code = 408
+    headers = ((b"connection", b"close"),)
 
 
 class PayloadTooLarge(KdgateError):

@@ -36,7 +36,13 @@ from time import perf_counter
 from typing import Any
 
 from kdgate.service import protocol_v1, protocol_v2
-from kdgate.service.errors import InvalidInput, KdgateError, PayloadTooLarge, error_body
+from kdgate.service.errors import (
+    InvalidInput,
+    KdgateError,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_body,
+)
 from kdgate.service.routing import Variant
 from kdgate.service.state import ServingState
 
@@ -108,8 +114,12 @@ class Reply:
     after: Callable[[], None]
 
 
-async def read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
-    """The request body, refusing (413) to read more than `limit` bytes."""
+async def read_body(
+    receive: Receive, limit: int, declared: bytes | None, *, timeout_seconds: float
+) -> bytes:
+    """The request body, refusing to read more than `limit` bytes (413) or for longer than
+    `timeout_seconds` in all (408), so that a client that stops sending cannot hold a request.
+    """
     if declared is not None:
         try:
             length = int(declared)
@@ -117,25 +127,49 @@ async def read_body(receive: Receive, limit: int, declared: bytes | None) -> byt
             raise InvalidInput(f"content-length {declared!r} is not a byte count") from None
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes is over the {limit}-byte limit")
-    message = await receive()
-    if message["type"] == "http.request" and not message.get("more_body", False):
-        body: bytes = message.get("body", b"")  # the usual case: the whole body at once
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-        return body
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    # A timer that cancels this task, rather than asyncio.wait_for or asyncio.timeout (measured
+    # with uvloop here: ~1.5 us against ~12-18): the usual body is already there at the first
+    # receive(), which then returns without suspending, and the timer never fires.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    expired: list[bool] = []
+    timer = loop.call_later(timeout_seconds, _expire, task, expired)
+    try:
         message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body: bytes = message.get("body", b"")  # the usual case: the whole body at once
+            if len(body) > limit:
+                raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+            return body
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+            message = await receive()
+    except asyncio.CancelledError:
+        if not expired or task is None:
+            raise  # cancelled from outside (a shutdown): not ours to turn into an answer
+        task.uncancel()
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout_seconds:g} s "
+            "(server.body_timeout_seconds); send it whole, faster"
+        ) from None
+    finally:
+        timer.cancel()
+
+
+def _expire(task: asyncio.Task[Any] | None, expired: list[bool]) -> None:
+    expired.append(True)
+    if task is not None:
+        task.cancel()
 
 
 class Inference:
@@ -144,6 +178,7 @@ class Inference:
     def __init__(self, state: ServingState) -> None:
         self.state = state
         self.limit = state.settings.server.max_body_bytes
+        self.body_timeout = state.settings.server.body_timeout_seconds
         self.new_request_id = request_ids().__next__
         # model -> drift input hook, set by the SLO runtime at startup (service/slo_runtime.py)
         self.input_taps: Mapping[str, InputTap] = {}
@@ -172,6 +207,7 @@ class Inference:
             request_id = None
         variant: Variant | None = None
         json_length: int | None = None
+        error_headers: Sequence[tuple[bytes, bytes]] = ()
         inputs: dict[str, Any] = {}
         outputs: dict[str, Any] = {}
         try:
@@ -182,7 +218,12 @@ class Inference:
             variant = (
                 router.get(version) if version else router.pick(headers.get(router.sticky_header))
             )
-            body = await read_body(receive, self.limit, headers.get(b"content-length"))
+            body = await read_body(
+                receive,
+                self.limit,
+                headers.get(b"content-length"),
+                timeout_seconds=self.body_timeout,
+            )
             if protocol == "v2":
                 request = protocol_v2.decode_request(
                     body,
@@ -214,7 +255,7 @@ class Inference:
                 payload = protocol_v1.encode_response(outputs, variant.signature)
             status = 200
         except KdgateError as exc:
-            status, payload = exc.status_code, error_body(exc.message)
+            status, payload, error_headers = exc.status_code, error_body(exc.message), exc.headers
         except ClientDisconnected:
             raise
         except Exception:
@@ -236,6 +277,8 @@ class Inference:
         ]
         if json_length is not None:
             reply_headers.append((b"inference-header-content-length", str(json_length).encode()))
+        if error_headers:
+            reply_headers.extend(error_headers)
         served = (protocol, model, variant, status, started, request_id, inputs, observed)
         return Reply(status, reply_headers, payload, partial(self.record, served))
 

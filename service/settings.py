@@ -56,6 +56,9 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="request body limit")
+    body_timeout_seconds: float = Field(
+        default=10.0, gt=0.0, description="whole request body must arrive within this (else 408)"
+    )
     onnx_intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime intra-op pool")
     onnx_inter_op_threads: int = Field(default=1, ge=1, description="onnxruntime inter-op pool")
     warmup_runs: int = Field(default=50, ge=1, description="session runs before ready")
