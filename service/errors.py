@@ -7,7 +7,8 @@
     ├── ModelNotFound (404)      unknown model or version
     ├── RequestTimeout (408)     the body did not arrive within server.body_timeout_seconds
     ├── PayloadTooLarge (413)    the body is over server.max_body_bytes
-    └── NotReady (503)           the model is still loading or warming up
+    ├── NotReady (503)           the model is still loading or warming up
+    └── DeadlineExceeded (504)   a wait inside the server (a file read, a lock) ran out of time
 
 Each response body is `{"error": "<what was wrong and what was expected>"}`, with the class's
 `headers` added. One handler, registered on the base class, renders them all (Starlette resolves
@@ -80,3 +81,9 @@ class NotReady(KdgateError):
 def error_body(message: str) -> bytes:
     """The JSON error body every kdgate error response carries."""
     return orjson.dumps({"error": message})
+
+
+class DeadlineExceeded(KdgateError):
+    """Something the request waited for inside the server took longer than its deadline (504)."""
+
+    status_code = 504

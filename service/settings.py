@@ -220,6 +220,9 @@ class AdminSettings(_Section):
     # Traffic changes made through /admin are kept in `<state_dir>/traffic.json` and restored
     # at start (service/traffic_store.py); relative to the working directory.
     state_dir: Path = Path("state")
+    # The most one change may take: loading a version (reading its files, building and warming
+    # it), or waiting for the change before it to finish. Past it: 504, and the lock is free.
+    timeout_seconds: float = Field(default=120.0, gt=0.0)
 
     @field_validator("token")
     @classmethod
