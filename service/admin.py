@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from kdgate.service.auth import check_bearer
 from kdgate.service.endpoints import JsonResponse
 from kdgate.service.errors import InvalidInput
-from kdgate.service.inference import read_body
+from kdgate.service.inference import BodyDeadline, read_body
 from kdgate.service.settings import Settings
 from kdgate.service.traffic import Caller, TrafficControl, problems
 
@@ -88,13 +88,14 @@ def build_admin_router(settings: Settings, control: TrafficControl) -> APIRouter
         address = request.client.host if request.client else "unknown"
         return Caller(token_fingerprint(token.get_secret_value()), address)
 
+    deadline = BodyDeadline(settings.server.body_timeout_seconds)
+
     async def body(request: Request, model: type[_Body]) -> _Body:
-        server = settings.server
         raw = await read_body(
             request.receive,
-            server.max_body_bytes,
+            settings.server.max_body_bytes,
             request.headers.get("content-length", "").encode() or None,
-            timeout_seconds=server.body_timeout_seconds,
+            deadline,
         )
         try:
             return model.model_validate_json(raw)

@@ -66,12 +66,11 @@ def build_fidelity_router(shadowing: Shadowing) -> APIRouter:
         """Join labels to recent predictions by request id. Unknown, expired, duplicate and
         invalid ids are listed in the answer (200), not treated as errors."""
         monitoring = running(model)
-        server = state.settings.server
         body = await read_body(
             request.receive,
-            server.max_body_bytes,
+            state.settings.server.max_body_bytes,
             request.headers.get("content-length", "").encode() or None,
-            timeout_seconds=server.body_timeout_seconds,
+            shadowing.inference.body_deadline,
         )
         items = await parse_feedback(body)
         shadowing.inference.flush()  # every answered request is in the store before the join
