@@ -182,6 +182,7 @@ def create_app(
         title="kdgate",
         summary="Open Inference Protocol V2 and KServe V1 serving for distilled students",
         lifespan=lifespan,
+        redirect_slashes=False,  # `.../infer/` is 404, as on Triton; not a 307 to `.../infer`
     )
     shadowing = Shadowing(state, app.inference, tracer_provider=tracer_provider)
     # A scrape (or any read of the registry) first settles the requests answered so far.

@@ -41,6 +41,28 @@ PLACEHOLDER_SECRETS = frozenset(
 )
 
 
+# sticky_header: no header names a proxy may rewrite, drop or merge (RFC 9110 7.6.1 hop-by-hop
+# and the message framing), and no name longer than any real one.
+STICKY_HEADER_MAX = 64
+NOT_ROUTE_KEYS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "host",
+        "expect",
+    }
+)
+
+
 def default_models_dir() -> Path:
     """The embedded model pair: package data when installed, `<repo>/models` in a checkout."""
     return kdgate.MODELS_DIR
@@ -135,9 +157,18 @@ class TrafficSettings(_Section):
 
     @field_validator("sticky_header")
     @classmethod
-    def _lower(cls, header: str) -> str:
+    def _routable(cls, header: str) -> str:
         # ASGI header names arrive lower-cased.
-        return header.lower()
+        header = header.lower()
+        if len(header) > STICKY_HEADER_MAX:
+            raise ValueError(f"sticky_header is over {STICKY_HEADER_MAX} characters")
+        if header in NOT_ROUTE_KEYS:
+            raise ValueError(
+                f"sticky_header {header!r} describes the connection or the message framing, "
+                "not the caller (proxies change or drop it); use a header of your own, such as "
+                "x-kdgate-route-key"
+            )
+        return header
 
 
 class ModelSettings(_Section):

@@ -180,6 +180,8 @@ async def test_put_changes_only_the_given_fields_and_is_saved(
         ({"weights": {"1": 50.5, "2": 49.5}}, "integer"),
         ({"shadow_fraction": 1.5}, "less than or equal to 1"),
         ({"sticky_header": "bad header"}, "sticky_header"),
+        ({"sticky_header": "Content-Length"}, "framing"),
+        ({"sticky_header": "x" * 10_000}, "over 64 characters"),
         ({"weight": {"1": 100}}, "weight"),
     ],
 )
