@@ -10,23 +10,29 @@
 
 Every route needs `Authorization: Bearer <admin.token>`: none or malformed -> 401, another
 token -> 403 (constant-time compare). While `admin.token` is null the routes answer 404 saying
-the admin API is off. service/traffic.py applies, saves and audits the changes.
+the admin API is off. Bodies are read like inference bodies (`server.max_body_bytes`: 413;
+`server.body_timeout_seconds`: 408), after the token is checked, then validated here (400).
+service/traffic.py applies, saves and audits the changes.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Who` (built around the closure
 # `caller`) as a real object, which a string annotation naming a local cannot give it.
 import hashlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from kdgate.service.auth import check_bearer
 from kdgate.service.endpoints import JsonResponse
+from kdgate.service.errors import InvalidInput
+from kdgate.service.inference import BodyDeadline, read_body
 from kdgate.service.settings import Settings
-from kdgate.service.traffic import Caller, TrafficControl
+from kdgate.service.traffic import Caller, TrafficControl, problems
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 ADMIN_OFF = "the admin API is off: set admin.token (KDGATE_ADMIN__TOKEN) to turn it on"
 
@@ -65,6 +71,12 @@ def token_fingerprint(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
+def documented_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a route that reads and validates `model` itself."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def build_admin_router(settings: Settings, control: TrafficControl) -> APIRouter:
     """The /admin routes, bound to one app's settings and traffic control."""
 
@@ -76,6 +88,20 @@ def build_admin_router(settings: Settings, control: TrafficControl) -> APIRouter
         address = request.client.host if request.client else "unknown"
         return Caller(token_fingerprint(token.get_secret_value()), address)
 
+    deadline = BodyDeadline(settings.server.body_timeout_seconds)
+
+    async def body(request: Request, model: type[_Body]) -> _Body:
+        raw = await read_body(
+            request.receive,
+            settings.server.max_body_bytes,
+            request.headers.get("content-length", "").encode() or None,
+            deadline,
+        )
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise InvalidInput(f"invalid request: {problems(exc)}") from None
+
     Who = Annotated[Caller, Depends(caller)]
     api = APIRouter(prefix="/admin/models/{model}", tags=["admin"])
 
@@ -84,16 +110,17 @@ def build_admin_router(settings: Settings, control: TrafficControl) -> APIRouter
         """The model's `traffic` object: weights of every loaded version, header, fraction."""
         return JsonResponse(control.state.router(model).traffic.model_dump())
 
-    @api.put("/traffic")
-    async def put_traffic(model: str, change: TrafficChange, who: Who) -> JsonResponse:
+    @api.put("/traffic", openapi_extra=documented_body(TrafficChange))
+    async def put_traffic(model: str, request: Request, who: Who) -> JsonResponse:
         """Change the split; validated (400 says why), saved, then applied in one swap."""
-        changes = change.model_dump(exclude_unset=True)
+        changes = (await body(request, TrafficChange)).model_dump(exclude_unset=True)
         return JsonResponse((await control.set_traffic(model, changes, who)).model_dump())
 
-    @api.post("/traffic/promote")
-    async def promote(model: str, body: Promotion, who: Who) -> JsonResponse:
+    @api.post("/traffic/promote", openapi_extra=documented_body(Promotion))
+    async def promote(model: str, request: Request, who: Who) -> JsonResponse:
         """Send 100% of the split to one loaded version."""
-        return JsonResponse((await control.promote(model, body.version, who)).model_dump())
+        version = (await body(request, Promotion)).version
+        return JsonResponse((await control.promote(model, version, who)).model_dump())
 
     @api.post("/traffic/rollback")
     async def rollback(model: str, who: Who) -> JsonResponse:
@@ -105,10 +132,11 @@ def build_admin_router(settings: Settings, control: TrafficControl) -> APIRouter
         """Loaded versions with weight, card path and sha256, and the previous weights."""
         return JsonResponse(control.versions(model))
 
-    @api.post("/versions", status_code=201)
-    async def load_version(model: str, body: NewVersion, who: Who) -> JsonResponse:
+    @api.post("/versions", status_code=201, openapi_extra=documented_body(NewVersion))
+    async def load_version(model: str, request: Request, who: Who) -> JsonResponse:
         """Load a version from its card (sha256 verified, warmed up); it starts at weight 0."""
-        loaded = await control.load_version(model, Path(body.card), body.version, who)
+        new = await body(request, NewVersion)
+        loaded = await control.load_version(model, Path(new.card), new.version, who)
         return JsonResponse(loaded, status_code=201)
 
     @api.delete("/versions/{version}")

@@ -123,7 +123,9 @@ def _with_identity_headers(scope: Scope, send: Send) -> Send:
 
 async def _kdgate_error(_: Request, exc: Exception) -> JsonResponse:
     assert isinstance(exc, KdgateError)
-    return JsonResponse({"error": exc.message}, status_code=exc.status_code)
+    response = JsonResponse({"error": exc.message}, status_code=exc.status_code)
+    response.raw_headers.extend(exc.headers)
+    return response
 
 
 async def _http_error(_: Request, exc: Exception) -> JsonResponse:
@@ -180,6 +182,7 @@ def create_app(
         title="kdgate",
         summary="Open Inference Protocol V2 and KServe V1 serving for distilled students",
         lifespan=lifespan,
+        redirect_slashes=False,  # `.../infer/` is 404, as on Triton; not a 307 to `.../infer`
     )
     shadowing = Shadowing(state, app.inference, tracer_provider=tracer_provider)
     # A scrape (or any read of the registry) first settles the requests answered so far.

@@ -5,12 +5,14 @@
     ├── Unauthorized (401)       no or wrong bearer token
     ├── Forbidden (403)          the token is valid but may not do this
     ├── ModelNotFound (404)      unknown model or version
+    ├── RequestTimeout (408)     the body did not arrive within server.body_timeout_seconds
     ├── PayloadTooLarge (413)    the body is over server.max_body_bytes
-    └── NotReady (503)           the model is still loading or warming up
+    ├── NotReady (503)           the model is still loading or warming up
+    └── DeadlineExceeded (504)   a wait inside the server (a file read, a lock) ran out of time
 
-Each response body is `{"error": "<what was wrong and what was expected>"}`. One handler,
-registered on the base class, renders them all (Starlette resolves handlers by MRO); the raw
-inference path renders them with `error_body` directly.
+Each response body is `{"error": "<what was wrong and what was expected>"}`, with the class's
+`headers` added. One handler, registered on the base class, renders them all (Starlette resolves
+handlers by MRO); the raw inference path renders them with `error_body` directly.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class KdgateError(Exception):
     """Base of every kdgate error; `status_code` is the HTTP status it maps to."""
 
     status_code: ClassVar[int] = 500
+    # Raw (lower-case) response headers every response for this error carries.
+    headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -54,6 +58,14 @@ class ModelNotFound(KdgateError):
     status_code = 404
 
 
+class RequestTimeout(KdgateError):
+    """The client did not send its whole body in time (408); the connection is closed, since
+    the rest of that body may still be on its way."""
+
+    status_code = 408
+    headers = ((b"connection", b"close"),)
+
+
 class PayloadTooLarge(KdgateError):
     """Request body over the configured limit (413)."""
 
@@ -69,3 +81,9 @@ class NotReady(KdgateError):
 def error_body(message: str) -> bytes:
     """The JSON error body every kdgate error response carries."""
     return orjson.dumps({"error": message})
+
+
+class DeadlineExceeded(KdgateError):
+    """Something the request waited for inside the server took longer than its deadline (504)."""
+
+    status_code = 504

@@ -32,11 +32,17 @@ from collections.abc import (
 from dataclasses import dataclass
 from functools import partial
 from random import getrandbits
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 
 from kdgate.service import protocol_v1, protocol_v2
-from kdgate.service.errors import InvalidInput, KdgateError, PayloadTooLarge, error_body
+from kdgate.service.errors import (
+    InvalidInput,
+    KdgateError,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_body,
+)
 from kdgate.service.routing import Variant
 from kdgate.service.state import ServingState
 
@@ -108,8 +114,61 @@ class Reply:
     after: Callable[[], None]
 
 
-async def read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
-    """The request body, refusing (413) to read more than `limit` bytes."""
+class BodyDeadline:
+    """The time a request body may take to arrive in all (`server.body_timeout_seconds`), kept
+    for every `read_body` of one app by one sweep timer.
+
+    A read registers in a dict (~1 us) rather than arming a timer of its own (`call_later` +
+    `cancel`, ~3 us with uvloop here; `asyncio.wait_for`, ~12). The usual body is there at the
+    first receive(), so the read is over before any sweep; while reads are pending, a sweep every
+    quarter of the deadline cancels those past it, so a stalled read ends within 1.25 deadlines.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._reading: dict[asyncio.Task[Any], float] = {}  # task -> monotonic start
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, task: asyncio.Task[Any]) -> None:
+        """`task` begins reading a body now."""
+        self._reading[task] = monotonic()
+        if self._sweep is None or self._loop is not asyncio.get_running_loop():
+            self._arm()
+
+    def stop(self, task: asyncio.Task[Any]) -> None:
+        """`task` is done reading, whichever way."""
+        self._reading.pop(task, None)
+
+    def cut(self, task: asyncio.Task[Any]) -> bool:
+        """Whether the deadline cancelled `task` (once: the answer is taken, not kept)."""
+        if task in self._expired:
+            self._expired.discard(task)
+            return True
+        return False
+
+    def _arm(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sweep = self._loop.call_later(self.seconds / 4, self._check)
+
+    def _check(self) -> None:
+        self._sweep = None
+        now = monotonic()
+        late = [task for task, started in self._reading.items() if now - started >= self.seconds]
+        for task in late:
+            del self._reading[task]
+            self._expired.add(task)
+            task.cancel()
+        if self._reading:
+            self._arm()
+
+
+async def read_body(
+    receive: Receive, limit: int, declared: bytes | None, deadline: BodyDeadline
+) -> bytes:
+    """The request body, refusing to read more than `limit` bytes (413) or for longer than the
+    `deadline` (408), so that a client that stops sending cannot hold a request for good."""
     if declared is not None:
         try:
             length = int(declared)
@@ -117,25 +176,40 @@ async def read_body(receive: Receive, limit: int, declared: bytes | None) -> byt
             raise InvalidInput(f"content-length {declared!r} is not a byte count") from None
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes is over the {limit}-byte limit")
-    message = await receive()
-    if message["type"] == "http.request" and not message.get("more_body", False):
-        body: bytes = message.get("body", b"")  # the usual case: the whole body at once
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-        return body
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("read_body must run in an asyncio task")
+    deadline.start(task)
+    try:
         message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body: bytes = message.get("body", b"")  # the usual case: the whole body at once
+            if len(body) > limit:
+                raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+            return body
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+            message = await receive()
+    except asyncio.CancelledError:
+        if not deadline.cut(task):
+            raise  # cancelled from outside (a shutdown): not ours to answer
+        task.uncancel()
+        raise RequestTimeout(
+            f"the request body did not arrive within {deadline.seconds:g} s "
+            "(server.body_timeout_seconds)"
+        ) from None
+    finally:
+        deadline.stop(task)
 
 
 class Inference:
@@ -144,6 +218,7 @@ class Inference:
     def __init__(self, state: ServingState) -> None:
         self.state = state
         self.limit = state.settings.server.max_body_bytes
+        self.body_deadline = BodyDeadline(state.settings.server.body_timeout_seconds)
         self.new_request_id = request_ids().__next__
         # model -> drift input hook, set by the SLO runtime at startup (service/slo_runtime.py)
         self.input_taps: Mapping[str, InputTap] = {}
@@ -172,6 +247,7 @@ class Inference:
             request_id = None
         variant: Variant | None = None
         json_length: int | None = None
+        error_headers: Sequence[tuple[bytes, bytes]] = ()
         inputs: dict[str, Any] = {}
         outputs: dict[str, Any] = {}
         try:
@@ -182,7 +258,12 @@ class Inference:
             variant = (
                 router.get(version) if version else router.pick(headers.get(router.sticky_header))
             )
-            body = await read_body(receive, self.limit, headers.get(b"content-length"))
+            body = await read_body(
+                receive,
+                self.limit,
+                headers.get(b"content-length"),
+                self.body_deadline,
+            )
             if protocol == "v2":
                 request = protocol_v2.decode_request(
                     body,
@@ -214,7 +295,7 @@ class Inference:
                 payload = protocol_v1.encode_response(outputs, variant.signature)
             status = 200
         except KdgateError as exc:
-            status, payload = exc.status_code, error_body(exc.message)
+            status, payload, error_headers = exc.status_code, error_body(exc.message), exc.headers
         except ClientDisconnected:
             raise
         except Exception:
@@ -236,6 +317,8 @@ class Inference:
         ]
         if json_length is not None:
             reply_headers.append((b"inference-header-content-length", str(json_length).encode()))
+        if error_headers:
+            reply_headers.extend(error_headers)
         served = (protocol, model, variant, status, started, request_id, inputs, observed)
         return Reply(status, reply_headers, payload, partial(self.record, served))
 

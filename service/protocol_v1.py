@@ -40,7 +40,8 @@ def decode_request(
             f"each instance must be a list of numbers of shape {row_shape} (input {name!r})"
         )
     shape = (len(instances), *row_shape)
-    return {name: array_from_data(name, instances, shape, NUMPY_DTYPES[spec.datatype], "instances")}
+    dtype = NUMPY_DTYPES[spec.datatype]
+    return {name: array_from_data(name, instances, shape, dtype, "instances", rows=True)}
 
 
 def encode_response(outputs: dict[str, np.ndarray[Any, Any]], signature: Signature) -> bytes:

@@ -41,6 +41,28 @@ PLACEHOLDER_SECRETS = frozenset(
 )
 
 
+# sticky_header: no header names a proxy may rewrite, drop or merge (RFC 9110 7.6.1 hop-by-hop
+# and the message framing), and no name longer than any real one.
+STICKY_HEADER_MAX = 64
+NOT_ROUTE_KEYS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "host",
+        "expect",
+    }
+)
+
+
 def default_models_dir() -> Path:
     """The embedded model pair: package data when installed, `<repo>/models` in a checkout."""
     return kdgate.MODELS_DIR
@@ -56,6 +78,9 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="request body limit")
+    body_timeout_seconds: float = Field(
+        default=10.0, gt=0.0, description="whole request body must arrive within this (else 408)"
+    )
     onnx_intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime intra-op pool")
     onnx_inter_op_threads: int = Field(default=1, ge=1, description="onnxruntime inter-op pool")
     warmup_runs: int = Field(default=50, ge=1, description="session runs before ready")
@@ -132,9 +157,18 @@ class TrafficSettings(_Section):
 
     @field_validator("sticky_header")
     @classmethod
-    def _lower(cls, header: str) -> str:
+    def _routable(cls, header: str) -> str:
         # ASGI header names arrive lower-cased.
-        return header.lower()
+        header = header.lower()
+        if len(header) > STICKY_HEADER_MAX:
+            raise ValueError(f"sticky_header is over {STICKY_HEADER_MAX} characters")
+        if header in NOT_ROUTE_KEYS:
+            raise ValueError(
+                f"sticky_header {header!r} describes the connection or the message framing, "
+                "not the caller (proxies change or drop it); use a header of your own, such as "
+                "x-kdgate-route-key"
+            )
+        return header
 
 
 class ModelSettings(_Section):
@@ -217,6 +251,9 @@ class AdminSettings(_Section):
     # Traffic changes made through /admin are kept in `<state_dir>/traffic.json` and restored
     # at start (service/traffic_store.py); relative to the working directory.
     state_dir: Path = Path("state")
+    # The most one change may take: loading a version (reading its files, building and warming
+    # it), or waiting for the change before it to finish. Past it: 504, and the lock is free.
+    timeout_seconds: float = Field(default=120.0, gt=0.0)
 
     @field_validator("token")
     @classmethod

@@ -117,11 +117,18 @@ def check_datatype(name: str, datatype: Any, spec: TensorSpec) -> np.dtype[Any]:
 
 
 def array_from_data(
-    name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[Any], field: str = "data"
+    name: str,
+    data: Any,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    field: str = "data",
+    *,
+    rows: bool = False,
 ) -> np.ndarray[Any, Any]:
     """Decode JSON tensor data (flat or nested lists of numbers, row-major) into `shape`.
 
-    `field` names the JSON member the data came from, for error messages.
+    `field` names the JSON member the data came from, for error messages; `rows`: the data is
+    a list of rows (V1 instances), each of shape `shape[1:]`.
     """
     if not isinstance(data, list):
         raise InvalidInput(
@@ -134,6 +141,8 @@ def array_from_data(
         raise InvalidInput(
             f"input {name!r}: '{field}' is not a rectangular list of numbers ({exc})"
         ) from None
+    if raw.dtype.kind == "O" and all(type(v) in (int, float) for v in raw.flat):
+        raw = _beyond_64_bits(name, raw, dtype, field)
     if raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
         raise InvalidInput(
             f"input {name!r}: '{field}' holds {_describe_kind(raw)}; "
@@ -145,6 +154,17 @@ def array_from_data(
             f"input {name!r}: '{field}' has {raw.size} values but shape {list(shape)} needs "
             f"{element_count(shape)}"
         )
+    if raw.ndim > 1 and raw.shape != shape:
+        # Nested data is read as nested: [2, 1, 64] is not [2, 64] (flat data has no nesting).
+        if rows:
+            raise InvalidInput(
+                f"input {name!r}: each of the '{field}' must be one row of shape "
+                f"{list(shape[1:])}, got rows of shape {list(raw.shape[1:])}"
+            )
+        raise InvalidInput(
+            f"input {name!r}: '{field}' is nested as {list(raw.shape)}, not as shape "
+            f"{list(shape)}; nest it exactly as the shape, or send it flat"
+        )
     if dtype.kind == "f":
         # Integers (at most 64-bit once parsed) always fit a float. For floats, one reduction
         # (~1 us; abs + max cost ~4) clears the common case; NaN, +-Inf, out-of-range values,
@@ -154,11 +174,32 @@ def array_from_data(
     elif raw.size:
         info = np.iinfo(dtype)
         if raw.min() < info.min or raw.max() > info.max:
-            raise InvalidInput(
-                f"input {name!r}: values outside the {V2_DATATYPES[dtype]} range "
-                f"[{info.min}, {info.max}]"
-            )
+            raise _out_of_range(name, field, dtype)
     return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def _beyond_64_bits(
+    name: str, raw: np.ndarray[Any, Any], dtype: np.dtype[Any], field: str
+) -> np.ndarray[Any, Any]:
+    """Numbers numpy keeps as objects (integers past 64 bits) as float64 for a float datatype
+    (the range check follows); out of range for an integer one, or past float64."""
+    if dtype.kind == "f":
+        try:
+            return raw.astype(np.float64)
+        except OverflowError:
+            pass
+    raise _out_of_range(name, field, dtype)
+
+
+def _out_of_range(name: str, field: str, dtype: np.dtype[Any]) -> InvalidInput:
+    if dtype.kind == "f":
+        bounds = f"+-{_FLOAT_MAX[dtype]:.3e}"
+    else:
+        info = np.iinfo(dtype)
+        bounds = f"[{info.min}, {info.max}]"
+    return InvalidInput(
+        f"input {name!r}: '{field}' holds values outside the {V2_DATATYPES[dtype]} range ({bounds})"
+    )
 
 
 # Per datatype: struct code (packing a flat list checks each value's type and range in C), the
@@ -228,7 +269,7 @@ def array_from_bytes(
 
 def check_in_range(name: str, array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> None:
     """Reject non-finite values, and values a cast to float `dtype` would turn into +-Inf."""
-    check_finite(name, array)
+    check_finite(name, array, dtype)
     peak = np.abs(array).max()
     if not peak <= _FLOAT_MAX[dtype]:
         raise InvalidInput(
@@ -237,14 +278,18 @@ def check_in_range(name: str, array: np.ndarray[Any, Any], dtype: np.dtype[Any])
         )
 
 
-def check_finite(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """Reject NaN and +-Inf in floating point inputs (a model would answer garbage)."""
+def check_finite(
+    name: str, array: np.ndarray[Any, Any], dtype: np.dtype[Any] | None = None
+) -> np.ndarray[Any, Any]:
+    """Reject NaN and +-Inf in floating point inputs (a model would answer garbage); `dtype`
+    is the input's datatype when `array` is not of it yet (JSON numbers parse as float64)."""
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = np.flatnonzero(~np.isfinite(array))
         first = array.reshape(-1)[bad[0]]
+        datatype = V2_DATATYPES[(dtype or array.dtype).newbyteorder("=")]
         raise InvalidInput(
             f"input {name!r}: {bad.size} value(s) are not finite (first: {first} at flat index "
-            f"{bad[0]}); expected finite numbers of {V2_DATATYPES[array.dtype.newbyteorder('=')]}"
+            f"{bad[0]}); expected finite numbers of {datatype}"
         )
     return array
 

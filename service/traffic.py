@@ -2,7 +2,7 @@
 
 Every change runs under one admin-only lock (the request path takes none):
 
-    validate -> [load, sha256-verify and warm a new version in a worker thread]
+    validate -> [read the card, load, sha256-verify and warm a new version in a thread]
              -> build a new Router -> save the state file (worker thread)
              -> assign it to ServingState.routers[model] -> kdgate_traffic_weight -> audit line
 
@@ -10,33 +10,46 @@ Saving before the swap means a change the disk refused is not applied either, an
 assignment, so a request sees the old Router or the new one, never half of each. A removed
 version is drained after the swap: requests that picked it before still hold it, and the removal
 answers once they have finished (nothing else keeps a Variant alive; see `_drain`).
+
+Nothing may hold the lock for good: a change waits at most `admin.timeout_seconds` for the one
+before it, and a load (card and model files named by the caller: a FIFO, a device, a stalled
+network mount) is refused unless they are regular files of bounded size, and is given up, 504,
+once it has taken `admin.timeout_seconds`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import stat
+import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
 
-from kdgate.service.cards import ModelCard, load_card
-from kdgate.service.errors import InvalidInput, KdgateError
+from kdgate.service.cards import ModelCard, model_path
+from kdgate.service.errors import DeadlineExceeded, InvalidInput, KdgateError
 from kdgate.service.routing import Router, Variant
 from kdgate.service.settings import StudentSettings, TrafficSettings
 from kdgate.service.state import ServingState, StudentLoader
 from kdgate.service.traffic_store import SavedModel, TrafficStore
 
+_T = TypeVar("_T")
+
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("kdgate.audit")
 
 _DRAIN_POLL_SECONDS = 0.01
+CARD_MAX_BYTES = 1024 * 1024  # a card is a few kB of JSON
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class TrafficControl:
             name: entry.previous_weights for name, entry in store.saved.models.items()
         }
         self._lock = asyncio.Lock()
+        self._timeout = state.settings.admin.timeout_seconds
 
     def publish(self) -> None:
         """Set `kdgate_traffic_weight` for every loaded model (once the routers exist)."""
@@ -95,7 +109,7 @@ class TrafficControl:
         self, model: str, changes: Mapping[str, Any], caller: Caller
     ) -> TrafficSettings:
         """Change any of weights, sticky header and shadow fraction; the rest stays."""
-        async with self._lock:
+        async with self._exclusive():
             current = self.state.router(model)
             try:
                 traffic = TrafficSettings.model_validate(
@@ -108,7 +122,7 @@ class TrafficControl:
 
     async def promote(self, model: str, version: str, caller: Caller) -> TrafficSettings:
         """Send all of `model`'s split traffic to `version`."""
-        async with self._lock:
+        async with self._exclusive():
             current = self.state.router(model)
             current.get(version)  # 404 for a version that is not loaded
             weights = {v: 100 if v == version else 0 for v in current.variants}
@@ -117,7 +131,7 @@ class TrafficControl:
 
     async def rollback(self, model: str, caller: Caller) -> TrafficSettings:
         """Return to the weights before the last weight change (twice: back again)."""
-        async with self._lock:
+        async with self._exclusive():
             current = self.state.router(model)
             previous = self._previous.get(model)
             if previous is None:
@@ -134,10 +148,11 @@ class TrafficControl:
         self, model: str, card: Path, version: str | None, caller: Caller
     ) -> dict[str, Any]:
         """Load, verify and warm a new version from its card; it joins with weight 0."""
-        async with self._lock:
+        async with self._exclusive():
             current = self.state.router(model)
+            deadline = time.monotonic() + self._timeout
             try:
-                card, found = await asyncio.to_thread(_read_card, card)
+                card, found = await _in_own_thread(deadline, _read_card, card)
                 student = StudentSettings(version=version or found.version, card=card)
             except (OSError, ValueError) as exc:
                 reason = problems(exc) if isinstance(exc, ValidationError) else exc
@@ -150,7 +165,7 @@ class TrafficControl:
                     f"model {model!r} already has version {version!r}; remove it first or load "
                     "this card under another version"
                 )
-            variant = await asyncio.to_thread(self._prepare, current, student)
+            variant = await _in_own_thread(deadline, self._prepare, current, student)
             router = Router(
                 model,
                 {**current.variants, version: variant},
@@ -166,7 +181,7 @@ class TrafficControl:
 
     async def remove_version(self, model: str, version: str, caller: Caller) -> dict[str, Any]:
         """Stop routing to `version` (weight must be 0), then wait for its requests to finish."""
-        async with self._lock:
+        async with self._exclusive():
             gone = await self._unroute(model, version)
             started = time.monotonic()
             drained = await _drain(gone, self.state.settings.server.graceful_shutdown_seconds)
@@ -178,6 +193,22 @@ class TrafficControl:
             }
             self._audit(caller, "version.remove", model, result)
             return result
+
+    @asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """Hold the admin lock; 504 after waiting `admin.timeout_seconds` for it."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"another admin change has run for over {self._timeout:g} s "
+                "(admin.timeout_seconds); retry later"
+            ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     async def _unroute(self, model: str, version: str) -> weakref.ref[Variant]:
         current = self.state.router(model)
@@ -294,9 +325,81 @@ class TrafficControl:
 
 
 def _read_card(path: Path) -> tuple[Path, ModelCard]:
-    """The absolute card path and the card (blocking)."""
+    """The absolute card path and the card, once the card is known to be a regular file of at
+    most `CARD_MAX_BYTES` and its model file one of the size the card records (blocking)."""
     path = path.expanduser().resolve()
-    return path, load_card(path)
+    fd, size = _open_regular(path)
+    with open(fd, "rb") as fh:
+        if size > CARD_MAX_BYTES:
+            raise ValueError(f"{path} has {size} bytes; a card is a few kB of JSON")
+        data = fh.read(CARD_MAX_BYTES + 1)  # a file grown since the check then fails to parse
+    card = ModelCard.model_validate_json(data)
+    model_file = model_path(path, card)
+    fd, size = _open_regular(model_file)
+    os.close(fd)
+    if size != card.bytes:
+        raise ValueError(f"{model_file} has {size} bytes but its card records {card.bytes}")
+    return path, card
+
+
+def _open_regular(path: Path) -> tuple[int, int]:
+    """A descriptor open for reading on `path`, and its size; ValueError unless `path` is a
+    regular file (blocking)."""
+    # O_NONBLOCK: opening a FIFO to read otherwise waits for a writer, for ever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "something else")
+        raise ValueError(f"{path} is {kind}, not a regular file")
+    return fd, info.st_size
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+async def _in_own_thread(deadline: float, work: Callable[..., _T], *args: Any) -> _T:
+    """`work(*args)` in a thread of its own; DeadlineExceeded once `time.monotonic()` passes
+    `deadline`, leaving the thread behind.
+
+    Not the default executor: a read stuck in the kernel (a stalled network mount) cannot be
+    interrupted, and would hold one of its few workers, and the shutdown that waits for them.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if done.done():  # given up on already
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = work(*args), None
+        except BaseException as exc:  # handed to the waiting request, which raises it
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="kdgate-admin-load", daemon=True).start()
+    try:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+            return await done
+    except TimeoutError:
+        name = getattr(work, "__name__", "the load")
+        raise DeadlineExceeded(
+            f"gave up loading after admin.timeout_seconds: {name} was still running (a file on "
+            "a stalled mount?); nothing was changed"
+        ) from None
 
 
 async def _drain(gone: weakref.ref[Variant], timeout_seconds: float) -> bool:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import threading
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -15,7 +19,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kdgate.service.app import create_app
-from kdgate.service.settings import Settings, load_settings
+from kdgate.service.runtime import StudentSession
+from kdgate.service.settings import ServerSettings, Settings, StudentSettings, load_settings
+from kdgate.service.state import load_student
 from tests.support.asgi import running
 from tests.support.tiny_model import reference_logits
 from tests.support.traffic import (
@@ -174,6 +180,8 @@ async def test_put_changes_only_the_given_fields_and_is_saved(
         ({"weights": {"1": 50.5, "2": 49.5}}, "integer"),
         ({"shadow_fraction": 1.5}, "less than or equal to 1"),
         ({"sticky_header": "bad header"}, "sticky_header"),
+        ({"sticky_header": "Content-Length"}, "framing"),
+        ({"sticky_header": "x" * 10_000}, "over 64 characters"),
         ({"weight": {"1": 100}}, "weight"),
     ],
 )
@@ -345,3 +353,140 @@ async def test_a_change_that_cannot_be_saved_is_not_applied(settings: Settings) 
         assert response.status_code == 500
         assert "not changed: could not save" in response.json()["error"]
         assert (await client.get(TRAFFIC, headers=AUTH)).json()["weights"] == {"1": 90, "2": 10}
+
+
+def with_limits(
+    settings: Settings, server: dict[str, object], admin: dict[str, object]
+) -> Settings:
+    return settings.model_copy(
+        update={
+            "server": settings.server.model_copy(update=server),
+            "admin": settings.admin.model_copy(update=admin),
+        }
+    )
+
+
+@contextmanager
+def fifo(path: Path) -> Iterator[Path]:
+    """A named pipe nobody writes to; any reader left blocked on it is let go at the end."""
+    os.mkfifo(path)
+    try:
+        yield path
+    finally:
+        # Succeeds only while a reader waits: opening and closing the write end ends its read.
+        with suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def card_naming(directory: Path, onnx_file: str, version: str = "7") -> Path:
+    """A valid student card whose model file is `onnx_file` (relative to the card)."""
+    card = extra_student(directory, version, seed=7)
+    card.write_text(card.read_text().replace(f'"student-v{version}.onnx"', f'"{onnx_file}"'))
+    return card
+
+
+async def test_cards_and_model_files_that_are_not_regular_files_are_400_at_once(
+    admin: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    with fifo(tmp_path / "card.fifo") as card_pipe, fifo(tmp_path / "model.fifo") as model_pipe:
+        cases = {
+            str(card_pipe): "a FIFO",
+            str(tmp_path): "a directory",
+            "/dev/zero": "a character device",
+            str(card_naming(tmp_path / "a", f"../../{model_pipe.name}")): "a FIFO",
+            str(card_naming(tmp_path / "b", "../../a")): "a directory",
+        }
+        for card, kind in cases.items():
+            response = await asyncio.wait_for(
+                admin.post(VERSIONS, headers=AUTH, json={"card": card}), timeout=10
+            )
+            assert response.status_code == 400, (card, response.text)
+            assert f"is {kind}, not a regular file" in response.json()["error"]
+    put = await asyncio.wait_for(
+        admin.put(TRAFFIC, headers=AUTH, json={"weights": {"1": 50, "2": 50}}), timeout=10
+    )
+    assert put.status_code == 200, put.text
+
+
+async def test_a_model_file_of_another_size_than_its_card_records_is_400(
+    admin: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    card = extra_student(tmp_path, "6", seed=6)
+    onnx_file = card.with_name("student-v6.onnx")
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0" * 100)
+    response = await admin.post(VERSIONS, headers=AUTH, json={"card": str(card)})
+    assert response.status_code == 400
+    assert "bytes but its card records" in response.json()["error"]
+
+
+async def test_a_load_that_hangs_is_given_up_and_frees_the_admin_api(
+    settings: Settings, tmp_path: Path
+) -> None:
+    release = threading.Event()
+
+    def loader(student: StudentSettings, server: ServerSettings) -> StudentSession:
+        if student.version == "3":
+            release.wait(60)  # a read stuck on a stalled mount
+        return load_student(student, server)
+
+    limited = with_limits(settings, {}, {"timeout_seconds": 1.0})
+    card = extra_student(tmp_path, "3", seed=3)
+    try:
+        async with running(create_app(limited, student_loader=loader)) as client:
+            started = time.monotonic()
+            load = asyncio.create_task(
+                client.post(VERSIONS, headers=AUTH, json={"card": str(card)})
+            )
+            await asyncio.sleep(0.2)
+            # Waits for the lock while the load runs, and gets it once the load is given up.
+            put = await asyncio.wait_for(
+                client.put(TRAFFIC, headers=AUTH, json={"weights": {"1": 50, "2": 50}}), 10
+            )
+            refused = await asyncio.wait_for(load, 10)
+            assert refused.status_code == 504, refused.text
+            assert "admin.timeout_seconds" in refused.json()["error"]
+            assert put.status_code in (200, 504), put.text
+            assert time.monotonic() - started < 5
+            again = await client.put(TRAFFIC, headers=AUTH, json={"weights": {"1": 80, "2": 20}})
+            assert again.status_code == 200, again.text
+            listed = (await client.get(VERSIONS, headers=AUTH)).json()["versions"]
+            assert [v["version"] for v in listed] == ["1", "2"]
+    finally:
+        release.set()
+
+
+async def test_admin_bodies_over_the_limit_are_413_and_unread(settings: Settings) -> None:
+    limited = with_limits(settings, {"max_body_bytes": 1024}, {})
+    big = b'{"weights": {"1": 50, "2": 50}, "sticky_header": "' + b"x" * 4096 + b'"}'
+
+    async def streamed() -> AsyncIterator[bytes]:  # no content-length: counted as it arrives
+        for start in range(0, len(big), 512):
+            yield big[start : start + 512]
+
+    async with running(create_app(limited)) as client:
+        for url in (TRAFFIC, TRAFFIC + "/promote", VERSIONS):
+            method = "PUT" if url == TRAFFIC else "POST"
+            for content in (big, streamed()):
+                response = await client.request(method, url, headers=AUTH, content=content)
+                assert response.status_code == 413, (url, response.text)
+                assert "over the 1024-byte limit" in response.json()["error"]
+        assert (await client.get(TRAFFIC, headers=AUTH)).json()["weights"] == {"1": 90, "2": 10}
+
+
+async def test_an_admin_body_that_stops_arriving_is_408(settings: Settings) -> None:
+    limited = with_limits(settings, {"body_timeout_seconds": 0.3}, {})
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b'{"weights": '
+        await never.wait()
+
+    async with running(create_app(limited)) as client:
+        started = time.monotonic()
+        response = await asyncio.wait_for(
+            client.put(TRAFFIC, headers=AUTH, content=stalled()), timeout=10
+        )
+        assert response.status_code == 408
+        assert response.headers["connection"] == "close"
+        assert "body_timeout_seconds" in response.json()["error"]
+        assert time.monotonic() - started < 5

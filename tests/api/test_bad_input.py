@@ -59,9 +59,14 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, tuple[str, ...]]] = [
     ("ragged data", URL, body(tensor(data=[[1.0] * 32, [1.0] * 33])), {}, 400,
      ("not a rectangular list",)),
     ("NaN", URL, json.dumps({"inputs": [tensor(data=[float("nan"), *ROW[1:]])]}).encode(), {},
-     400, ("not finite", "nan")),
+     400, ("not finite", "nan", "finite numbers of FP32")),
     ("Inf", URL, json.dumps({"inputs": [tensor(data=[*ROW[1:], float("inf")])]}).encode(), {},
-     400, ("not finite", "inf")),
+     400, ("not finite", "inf", "finite numbers of FP32")),
+    ("nested deeper than the shape", URL,
+     body(tensor(shape=[2, 64], data=[[ROW]] * 2)), {}, 400,
+     ("nested as [2, 1, 64], not as shape [2, 64]",)),
+    ("integer past float64", URL, body(tensor(data=[10**400, *ROW[1:]])), {}, 400,
+     ("outside the FP32 range",)),
     ("overflow to Inf in FP32", URL, body(tensor(data=[1e+39, *ROW[1:]])), {}, 400,
      ("outside the FP32 range",)),
     ("truncated binary payload", URL, *binary(ONE_ROW[:100], len(ONE_ROW)), 400,
@@ -95,6 +100,12 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, tuple[str, ...]]] = [
      {}, 400, ("'instances' has 5 values but shape [1, 64] needs 64",)),
     ("V1 string row", "/v1/models/digits:predict",
      json.dumps({"instances": [["a"] * 64]}).encode(), {}, 400, ("holds strings",)),
+    ("V1 3-D instance", "/v1/models/digits:predict",
+     json.dumps({"instances": [[ROW]]}).encode(), {}, 400,
+     ("must be one row of shape [64], got rows of shape [1, 64]",)),
+    ("V1 integer past float64", "/v1/models/digits:predict",
+     json.dumps({"instances": [[10**400, *ROW[1:]]]}).encode(), {}, 400,
+     ("outside the FP32 range",)),
     ("V1 unknown model", "/v1/models/cats:predict", b'{"instances": [[1]]}', {}, 404,
      ("unknown model 'cats'",)),
 ]  # fmt: skip
@@ -137,3 +148,13 @@ async def test_streamed_body_over_the_limit_is_cut_off(client: httpx.AsyncClient
     response = await client.post(URL, content=chunks())
     assert response.status_code == 413
     assert "limit" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "url", [URL + "/", "/v2/models/digits/versions/1/infer/", "/v1/models/digits:predict/"]
+)
+async def test_a_trailing_slash_is_404_not_a_redirect(client: httpx.AsyncClient, url: str) -> None:
+    response = await client.post(url, content=body(tensor()))
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert "error" in response.json()

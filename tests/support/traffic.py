@@ -33,10 +33,11 @@ def extra_student(directory: Path, version: str, seed: int) -> Path:
 
 
 def tampered_student(directory: Path, version: str) -> Path:
-    """A student whose ONNX file no longer matches the sha256 in its card."""
+    """A student whose ONNX file (same size) no longer matches the sha256 in its card."""
     card = extra_student(directory, version, seed=9)
     onnx_file = model_path(card, load_card(card))
-    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    data = onnx_file.read_bytes()
+    onnx_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     return card
 
 

@@ -96,3 +96,28 @@ def test_sticky_header_is_lower_cased(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, {"models": [model]})).models[0].traffic.sticky_header == (
         "x-user"
     )
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ("Content-Length", "framing"),
+        ("Transfer-Encoding", "framing"),
+        ("Host", "framing"),
+        ("Connection", "framing"),
+        ("keep-alive", "framing"),
+        ("x" * 65, "over 64 characters"),
+        ("x" * 10_000, "over 64 characters"),
+    ],
+)
+def test_sticky_header_refuses_connection_and_framing_headers_and_long_names(
+    tmp_path: Path, header: str, reason: str
+) -> None:
+    model = {**MODEL, "traffic": {"sticky_header": header}}
+    with pytest.raises(ValidationError, match=reason):
+        load_settings(write(tmp_path, {"models": [model]}))
+
+
+def test_sticky_header_of_64_characters_is_fine(tmp_path: Path) -> None:
+    model = {**MODEL, "traffic": {"sticky_header": "x-" + "k" * 62}}
+    assert load_settings(write(tmp_path, {"models": [model]})).models[0].traffic.sticky_header

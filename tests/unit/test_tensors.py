@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from kdgate.service.cards import TensorSpec
 from kdgate.service.errors import InvalidInput
-from kdgate.service.tensors import NUMPY_DTYPES, array_from_data, check_shape, packed_from_data
+from kdgate.service.tensors import (
+    NUMPY_DTYPES,
+    V2_DATATYPES,
+    array_from_data,
+    check_shape,
+    packed_from_data,
+)
 
 FP32 = np.dtype(np.float32)
 FP64 = np.dtype(np.float64)
@@ -58,14 +64,57 @@ def test_many_large_in_range_values_pass_although_their_squares_overflow() -> No
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ([1.0, float("nan")], "not finite"),
-        ([float("-inf")], "not finite"),
+        ([1.0, float("nan")], "not finite .* of FP32$"),
+        ([float("-inf")], "not finite .* of FP32$"),
         ([1e39, -1e39], "outside the FP32 range"),
     ],
 )
 def test_bad_float_data_is_named(values: list[float], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         array_from_data("x", values, (len(values),), FP32)
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "accepted"),
+    [
+        ([10**30, 1], FP32, True),  # past 64-bit integers, within FP32
+        ([-(10**300), 1.5], FP64, True),
+        ([10**39, 1], FP32, False),
+        ([10**400, 1], FP64, False),
+        ([10**400], FP32, False),
+        ([2**64], np.dtype(np.int64), False),
+        ([-(10**400)], np.dtype(np.int32), False),
+    ],
+)
+def test_integers_past_64_bits_are_numbers_in_or_out_of_range(
+    values: list[int | float], dtype: np.dtype[np.generic], accepted: bool
+) -> None:
+    if accepted:
+        decoded = array_from_data("x", values, (len(values),), dtype)
+        np.testing.assert_array_equal(decoded, np.array([float(v) for v in values], dtype))
+        return
+    with pytest.raises(InvalidInput, match=f"outside the {V2_DATATYPES[dtype]} range"):
+        array_from_data("x", values, (len(values),), dtype)
+
+
+@pytest.mark.parametrize(
+    ("data", "shape", "message"),
+    [
+        ([[[1.0] * 4]] * 2, (2, 4), r"nested as \[2, 1, 4\], not as shape \[2, 4\]"),
+        ([[1.0] * 8], (2, 4), r"nested as \[1, 8\]"),
+        ([[1.0] * 2] * 4, (2, 4), r"nested as \[4, 2\]"),
+    ],
+)
+def test_nested_data_must_be_nested_as_the_shape(
+    data: list[object], shape: tuple[int, ...], message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        array_from_data("x", data, shape, FP32)
+    # The same numbers flat, or nested as the shape, are fine.
+    flat = np.asarray(data, np.float32).reshape(-1)
+    np.testing.assert_array_equal(array_from_data("x", flat.tolist(), shape, FP32), 1.0)
+    nested = flat.reshape(shape).tolist()
+    np.testing.assert_array_equal(array_from_data("x", nested, shape, FP32), 1.0)
 
 
 SPEC = TensorSpec(name="x", datatype="FP32", shape=[-1, 3])
