@@ -12,11 +12,11 @@ balancer retries elsewhere or later instead of queueing behind a saturated repli
 Costs on the request path (measured: ~0.3 us per request for the limit, ~0.9 us with the
 deadline, against ~100 us for the request): the limit is an int compared, incremented and
 decremented; the deadline a clock read and one dict insert and delete keyed by the request's
-task (no timer armed per request: `asyncio.timeout` costs ~9 us here). One timer,
-running only while requests are in flight, sweeps every `timeout / 4` s (at most 1 s): a
-deadline is honoured within one sweep period after it. It cancels the request's task at its current
-`await` (the body being read, a micro-batch being waited for). A student run on the event loop
-cannot be interrupted: requests batched behind a slow run answer 503 once it ends.
+task (no timer armed per request: `asyncio.timeout` costs ~9 us here). One timer, running only
+while requests are in flight, sweeps every `timeout / 4` s (at most 1 s), so a deadline is
+honoured within one sweep period after it. It cancels the request's task at its current `await`
+(the body being read, a micro-batch being waited for). A student run on the event loop cannot
+be interrupted: requests batched behind a slow run answer 503 once it ends.
 """
 
 from __future__ import annotations
