@@ -115,6 +115,22 @@ def requests_total(url: str, code: int) -> float:
     )
 
 
+def all_at_once(url: str, clients: int) -> list[httpx.Response]:
+    """One inference request from each of `clients` threads, sent together (20 s deadline)."""
+    barrier = threading.Barrier(clients)
+
+    def client(_: int) -> httpx.Response:
+        with httpx.Client(timeout=20) as http:
+            # A kept-alive connection, as client pools hold: the requests then reach the
+            # server together (a fresh connection is accepted one per loop iteration).
+            http.get(url + "/v2/health/live")
+            barrier.wait(timeout=20)
+            return http.post(url + INFER, content=BODY)
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(client, range(clients)))
+
+
 def wait_in_flight(app: KdgateApp, count: int) -> None:
     deadline = time.monotonic() + 10
     while app.guard.in_flight < count:
@@ -150,18 +166,7 @@ def test_a_slow_student_under_concurrent_clients_sheds_load_and_never_hangs(
     app = app_for(tmp_path, slow, max_in_flight=2)
     with serving(app) as url:
         slow.armed.set()
-        barrier = threading.Barrier(12)
-
-        def client(_: int) -> httpx.Response:
-            with httpx.Client(timeout=20) as http:
-                # A kept-alive connection, as client pools hold: the requests then reach the
-                # server together (a fresh connection is accepted one per loop iteration).
-                http.get(url + "/v2/health/live")
-                barrier.wait(timeout=20)
-                return http.post(url + INFER, content=BODY)
-
-        with ThreadPoolExecutor(12) as pool:
-            answers = list(pool.map(client, range(12)))
+        answers = all_at_once(url, clients=12)
         codes = sorted(a.status_code for a in answers)
         assert set(codes) <= {200, 503}, codes
         assert 200 in codes and 503 in codes, codes
@@ -197,18 +202,7 @@ def test_waiting_behind_a_slow_student_past_the_deadline_answers_503(tmp_path: P
     app = app_for(tmp_path, slow, request_timeout_seconds=0.3)
     with serving(app) as url:
         slow.armed.set()
-        barrier = threading.Barrier(6)
-
-        def client(_: int) -> httpx.Response:
-            with httpx.Client(timeout=20) as http:
-                # A kept-alive connection, as client pools hold: the requests then reach the
-                # server together (a fresh connection is accepted one per loop iteration).
-                http.get(url + "/v2/health/live")
-                barrier.wait(timeout=20)
-                return http.post(url + INFER, content=BODY)
-
-        with ThreadPoolExecutor(6) as pool:
-            codes = sorted(a.status_code for a in pool.map(client, range(6)))
+        codes = sorted(a.status_code for a in all_at_once(url, clients=6))
         assert set(codes) <= {200, 503}, codes
         assert 503 in codes, codes
         assert app.guard.in_flight == 0
