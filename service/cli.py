@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from kdgate.service.configcheck import ConfigError, effective_yaml, load_checked, missing_extra
-from kdgate.service.endpoints import package_version
 from kdgate.service.listeners import ListenError
 
 GIL_SWITCH_INTERVAL_SECONDS = 0.0002  # CPython's default is 0.005
@@ -90,6 +89,8 @@ def rules(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdgate.service.endpoints import package_version  # FastAPI: only for these commands
+
     parser = argparse.ArgumentParser(prog="kdgate", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"kdgate {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
