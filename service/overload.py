@@ -97,10 +97,11 @@ class Guard:
         loop = self._loop or asyncio.get_running_loop()
         # current_task(loop) skips the running-loop lookup of current_task() (~0.2 us of ~0.45).
         task = current_task(loop)
-        if task is None:  # first request on a new event loop
+        if task is None:  # first request on a new event loop: the old one's timer is gone
             loop = asyncio.get_running_loop()
             task = current_task(loop)
             assert task is not None
+            self._sweeper = None
         self._loop = loop
         self.in_flight += 1
         self._started[task] = monotonic()
