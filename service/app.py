@@ -1,8 +1,10 @@
 """The ASGI application: `create_app(settings)` builds it, its lifespan loads the models.
 
     KdgateApp.__call__
+    ├── a route on the wrong port (server.admin_port set) -> 404 (service/listeners.py)
     ├── POST /v2/models/{m}[/versions/{v}]/infer, POST /v1/models/{m}:predict
-    │     raw ASGI fast path -> Inference.handle -> two ASGI send()s
+    │     raw ASGI fast path -> Guard.serve (service/overload.py) -> Inference.handle
+    │     -> two ASGI send()s
     └── everything else -> FastAPI (routing, OpenAPI, error handlers)
 
 Why a fast path: on this machine a bare ASGI + orjson + onnxruntime handler costs ~91 us CPU per
@@ -42,6 +44,9 @@ from kdgate.service.inference import (
     Inference,
     new_request_id,
 )
+from kdgate.service.listeners import PortSplit
+from kdgate.service.logs import SCOPE_REQUEST_ID, bind_request, unbind_request
+from kdgate.service.overload import Guard
 from kdgate.service.protocol_v2 import valid_request_id
 from kdgate.service.settings import Settings
 from kdgate.service.shadowing import Shadowing
@@ -63,13 +68,29 @@ class KdgateApp(FastAPI):
         self.serving = state
         self.inference = Inference(state)
         self.fast_path = fast_path
+        server = state.settings.server
+        self.guard = Guard(
+            self.inference,
+            state,
+            max_in_flight=server.max_in_flight,
+            timeout_seconds=server.request_timeout_seconds,
+        )
+        # Set when admin routes have their own port (service/listeners.py).
+        self.ports = None if server.admin_port is None else PortSplit(server.admin_port)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if self.ports is not None and (misplaced := self.ports.misplaced(scope)):
+            await self.ports.refuse(misplaced, send)
+            return
+        request = bind_request(scope)  # log lines name the request (service/logs.py)
+        try:
             target = match_infer(scope["path"]) if scope["method"] == "POST" else None
             if target is not None and self.fast_path:
                 try:
-                    reply = await self.inference.handle(*target, scope["headers"], receive)
+                    reply = await self.guard.serve(*target, scope["headers"], receive)
                 except ClientDisconnected:
                     return
                 await send(
@@ -82,8 +103,9 @@ class KdgateApp(FastAPI):
                 await send({"type": "http.response.body", "body": reply.body})
                 reply.after()
                 return
-            send = _with_identity_headers(scope, send)
-        await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, _with_identity_headers(scope, send))
+        finally:
+            unbind_request(request)
 
     def openapi(self) -> dict[str, Any]:
         """The generated schema plus the infer request bodies (parsed by codecs, not pydantic)."""
@@ -106,6 +128,7 @@ def _with_identity_headers(scope: Scope, send: Send) -> Send:
     request_id = next((v for k, v in scope["headers"] if k == REQUEST_ID), b"")
     if not valid_request_id(request_id.decode("latin-1")):
         request_id = new_request_id().encode()
+        scope[SCOPE_REQUEST_ID] = request_id.decode()  # for log lines (service/logs.py)
 
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":

@@ -1,21 +1,34 @@
-"""The `kdgate` command: `serve`, and `distill` (which lives in distill/, loaded lazily).
+"""The `kdgate` command: one function per subcommand.
 
-`rules` and `loadgen` join as further subcommands; each subcommand is one function.
+    kdgate serve [--config FILE]     serve the configured models
+    kdgate config check FILE         print the effective config (secrets masked), or its errors
+    kdgate rules | loadgen           Prometheus rules from `slo:`; send test traffic
+    kdgate distill                   train a student (the `train` extra; distill/, loaded lazily)
+
+Operator mistakes end in one line on stderr and exit code 2 (argparse's usage-error code): a bad
+config names its file, key path and reason (service/configcheck.py), a missing optional part
+the extra to install. Tracebacks are for bugs.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdgate.service.settings import load_settings
+from kdgate.service.configcheck import ConfigError, effective_yaml, load_checked, missing_extra
+from kdgate.service.listeners import ListenError
 
 GIL_SWITCH_INTERVAL_SECONDS = 0.0002  # CPython's default is 0.005
+USAGE_ERROR = 2  # argparse's exit code for a bad command line; a bad config is one too
+
+DESCRIPTION = (
+    "Serve knowledge-distilled ONNX students over KServe V2/V1, shadow the teacher, export "
+    "fidelity to Prometheus and ask for a retrain when the fidelity SLOs are breached."
+)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -23,16 +36,19 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kdgate.service.app import create_app
+    from kdgate.service.listeners import serve_two_ports
+    from kdgate.service.logs import AccessLog, log_config
 
-    settings = load_settings(args.config)
+    settings = load_checked(args.config)
     server = settings.server
     # The teachers' worker threads (monitoring/teacher.py) run Python too (encoding, httpx):
     # when one holds the GIL, the event loop gets it back within this time instead of CPython's
     # default 5 ms, which the student's latency tail would otherwise show. Only contended
     # hand-offs are affected: with no teacher thread busy, nothing changes.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        AccessLog(app) if server.access_log else app,  # off: no access-log code per request
         host=args.host or server.host,
         port=server.port if args.port is None else args.port,
         http="httptools",
@@ -41,25 +57,22 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         proxy_headers=False,  # applied by the app itself, outside the inference fast path
         log_level=server.log_level,
-        log_config=log_config(server.log_level),
+        # Without it only uvicorn's loggers have a handler, and kdgate's INFO lines (the admin
+        # audit trail above all) would be dropped.
+        log_config=log_config(server.log_level, server.log_format),
         timeout_graceful_shutdown=server.graceful_shutdown_seconds,
     )
-    uvicorn.Server(config).run()
+    if server.admin_port is None:
+        uvicorn.Server(config).run()
+    else:
+        serve_two_ports(config, app, server.admin_port)
     return 0
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging config plus kdgate's loggers on its stderr handler.
-
-    Without this only uvicorn's own loggers have a handler, and kdgate's INFO lines (the admin
-    audit trail above all) would be dropped. `kdgate.audit` logs at INFO whatever `level` is.
-    """
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    ours = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    config["loggers"].update({"kdgate": ours, "kdgate.audit": {"level": "INFO"}})
-    return config
+def config_check(args: argparse.Namespace) -> int:
+    """Print the effective config of FILE (defaults and KDGATE_* applied, secrets masked)."""
+    sys.stdout.write(effective_yaml(load_checked(args.file)))
+    return 0
 
 
 def rules(argv: list[str]) -> int:
@@ -70,13 +83,16 @@ def rules(argv: list[str]) -> int:
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", type=Path)
     known, _ = config.parse_known_args(argv)
-    settings = load_settings(known.config)
+    settings = load_checked(known.config)
     # The objectives the in-process monitor uses: config + each model's student cards.
     return main_rules(argv, settings.slo, model_objectives(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdgate", description=__doc__)
+    from kdgate.service.endpoints import package_version  # FastAPI: only for these commands
+
+    parser = argparse.ArgumentParser(prog="kdgate", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"kdgate {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("serve", help="serve the configured models over HTTP")
@@ -84,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="bind address (default: server.host)")
     run.add_argument("--port", type=int, help="port; 0 picks a free one (default: server.port)")
     run.set_defaults(handler=serve)
+
+    config = commands.add_parser("config", help="check a config file")
+    checks = config.add_subparsers(dest="action", required=True)
+    check = checks.add_parser(
+        "check", help="print the effective config (secrets masked) or its errors (exit 2)"
+    )
+    check.add_argument("file", type=Path, help="YAML config file")
+    check.set_defaults(handler=config_check)
 
     commands.add_parser(
         "distill", help="train a student from the teacher (distill/)", add_help=False
@@ -96,18 +120,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kdgate` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["distill"]:
-        # distill/ pulls in torch: import it only when asked, and let it parse its own options.
-        distill_cli = importlib.import_module("kdgate.distill.cli")
-        return int(distill_cli.main(args_list[1:]) or 0)
-    if args_list[:1] == ["rules"]:
-        return rules(args_list[1:])
-    if args_list[:1] == ["loadgen"]:
-        from kdgate.service import loadgen
+    try:
+        return _dispatch(args_list)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except ListenError as exc:
+        return _fail(f"kdgate: {exc}", code=1)
+    except ImportError as exc:
+        line = missing_extra(exc)
+        if line is None:
+            raise
+        return _fail(line)
 
-        return loadgen.main(args_list[1:])
+
+def _dispatch(args_list: list[str]) -> int:
+    # These subcommands parse their own options (distill/ pulls in torch: imported only here).
+    delegated: dict[str, Callable[[list[str]], Any]] = {
+        "distill": lambda rest: importlib.import_module("kdgate.distill.cli").main(rest),
+        "rules": rules,
+        "loadgen": lambda rest: importlib.import_module("kdgate.service.loadgen").main(rest),
+    }
+    if args_list[:1] and args_list[0] in delegated:
+        return int(delegated[args_list[0]](args_list[1:]) or 0)
     args = build_parser().parse_args(args_list)
     return int(args.handler(args))
+
+
+def _fail(line: str, code: int = USAGE_ERROR) -> int:
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -300,7 +300,13 @@ class Inference:
             raise
         except Exception:
             # A bug or a runtime failure, never the caller's input (that is InvalidInput).
-            log.exception("inference failed: model=%s version=%s", model, version)
+            request_id = request_id or self.new_request_id()  # the line names the answer's id
+            log.exception(
+                "inference failed: model=%s version=%s",
+                model,
+                version,
+                extra={"request_id": request_id},
+            )
             status, payload = 500, error_body("internal error while running the model")
         request_id = request_id or self.new_request_id()
         observed: Arrays | None = None

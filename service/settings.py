@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -91,6 +91,25 @@ class ServerSettings(_Section):
     )
     graceful_shutdown_seconds: int = Field(default=30, ge=1)
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one object per line (time, level, logger, message)"
+    )
+    access_log: bool = Field(default=False, description="one line per request")
+    max_in_flight: int = Field(
+        default=256, ge=0, description="inference requests handled at once; more get 503; 0 = off"
+    )
+    request_timeout_seconds: float = Field(
+        default=30.0, ge=0.0, description="inference deadline, then 503; 0 = off"
+    )
+    admin_port: int | None = Field(
+        default=None, ge=0, le=65535, description="/admin, /metrics, /v1/hooks only here"
+    )
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        if self.admin_port is not None and self.admin_port == self.port != 0:
+            raise ValueError(f"admin_port must differ from port ({self.port})")
+        return self
 
 
 class StudentSettings(_Section):
