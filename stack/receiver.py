@@ -66,6 +66,18 @@ class Delivery:
         return self.path.removeprefix("/alerts/") if self.path.startswith("/alerts/") else self.path
 
 
+def _field(value: Any, key: str) -> dict[str, Any]:
+    """`value[key]` when both are JSON objects, else {} (bodies come from anyone)."""
+    found = value.get(key) if isinstance(value, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _items(value: dict[str, Any], key: str) -> list[Any]:
+    """`value[key]` when it is a JSON array, else []."""
+    found = value.get(key)
+    return found if isinstance(found, list) else []
+
+
 def _breach(breach: Any) -> str:
     if not isinstance(breach, dict):
         return "?"
@@ -80,26 +92,22 @@ def describe(delivery: Delivery) -> str:
     """One line for the terminal: time, kind, alert or model, breaches, signature verdict."""
     clock = time.strftime("%H:%M:%S", time.localtime(delivery.wall_time))
     try:
-        payload = delivery.payload
-        if not isinstance(payload, dict):
-            raise TypeError("not a JSON object")
-    except (ValueError, TypeError):
+        payload: Any = json.loads(delivery.body)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
         return f"{clock} {delivery.kind:<7} unreadable body ({len(delivery.body)} bytes)"
     if delivery.path == RETRAIN_PATH:
-        data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
-        breaches = data.get("breaches") if isinstance(data.get("breaches"), list) else []
+        data = _field(payload, "data")
+        breaches = ", ".join(map(_breach, _items(data, "breaches"))) or "none"
         verdict = "signature verified" if delivery.verified else "signature INVALID"
         return (
             f"{clock} retrain model={data.get('model')} v{data.get('student_version')} "
-            f"breaches: {', '.join(map(_breach, breaches)) or 'none'} | {verdict}"
+            f"breaches: {breaches} | {verdict}"
         )
-    common = payload.get("commonLabels") if isinstance(payload.get("commonLabels"), dict) else {}
-    alerts = payload.get("alerts") if isinstance(payload.get("alerts"), list) else []
-    names = {
-        str(alert.get("labels", {}).get("alertname"))
-        for alert in alerts
-        if isinstance(alert, dict) and isinstance(alert.get("labels"), dict)
-    }
+    common = _field(payload, "commonLabels")
+    alerts = _items(payload, "alerts")
+    names = {str(_field(alert, "labels").get("alertname")) for alert in alerts}
     where = " ".join(f"{key}={common[key]}" for key in ("model", "version", "slo") if key in common)
     # Alertmanager does not sign its webhooks: there is no signature to verify.
     verdict = "signature verified" if delivery.verified else "unsigned (Alertmanager)"
