@@ -101,8 +101,9 @@ def describe(delivery: Delivery) -> str:
         data = _field(payload, "data")
         breaches = ", ".join(map(_breach, _items(data, "breaches"))) or "none"
         verdict = "signature verified" if delivery.verified else "signature INVALID"
+        version = data.get("student_version")
         return (
-            f"{clock} retrain model={data.get('model')} v{data.get('student_version')} "
+            f"{clock} retrain model={data.get('model')}{f' v{version}' if version else ''} "
             f"breaches: {breaches} | {verdict}"
         )
     common = _field(payload, "commonLabels")

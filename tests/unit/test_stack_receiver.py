@@ -144,3 +144,15 @@ def test_an_oversized_body_is_refused_and_not_recorded(
     answer = client.post("/alerts/page", content=b"x" * (MAX_BODY_BYTES + 1))
     assert answer.status_code == 413
     assert running.deliveries == [] and lines.lines == []
+
+
+def test_a_retrain_request_without_a_student_version_names_the_model_only(
+    receiver: tuple[Receiver, Lines, httpx.Client],
+) -> None:
+    _, lines, client = receiver
+    payload = retrain_payload("digits", [], student_version=None, teacher_version=None)
+    body = json.dumps(payload).encode()
+    headers = signed_headers(SECRET, "msg_4", body, int(time.time()))
+    assert client.post(RETRAIN_PATH, content=body, headers=headers).status_code == 204
+    (line,) = lines.lines
+    assert " retrain model=digits breaches: none | signature verified" in line
