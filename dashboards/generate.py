@@ -7,6 +7,9 @@ Run it after editing, and commit both: `python dashboards/generate.py`
 
 Every query reads the raw counters and histograms of DESIGN.md section 3 directly (never a
 recording rule), so a dashboard works on any Prometheus that scrapes kdgate.
+
+A panel an alert points at links that alert's runbook (the panel's link menu), at the URL the
+alert's `runbook_url` carries (monitoring/rules.py, DEFAULT_RUNBOOK_BASE).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from kdgate.monitoring.rules import DEFAULT_RUNBOOK_BASE, runbook_url
 
 OUT_DIR = Path(__file__).resolve().parent / "json"
 SCHEMA_VERSION = 39
@@ -137,6 +142,7 @@ def panel(
     unit: str = "short",
     steps: Json | None = None,
     options: Json | None = None,
+    runbook: str | None = None,
     **extra: Any,
 ) -> Panel:
     defaults: dict[str, Any] = {"unit": unit}
@@ -144,6 +150,8 @@ def panel(
         defaults["thresholds"] = steps
     if kind == "timeseries" and steps is not None:
         defaults["custom"] = {"thresholdsStyle": {"mode": "line"}}
+    if runbook is not None:
+        extra["links"] = [runbook_link(runbook)]
     return {
         "type": kind,
         "title": title,
@@ -154,6 +162,26 @@ def panel(
         "options": options or {},
         "gridPos": {"w": width, "h": height},
         **extra,
+    }
+
+
+def runbook_link(runbook: str) -> Json:
+    """A panel link to the runbook `docs/runbooks/<runbook>.md`, opened in a new tab.
+
+    Grafana reads title, url and targetBlank of a panel link; its published schema types panel
+    links as dashboard links, so the other fields are there, with their neutral values.
+    """
+    return {
+        "title": f"Runbook: {runbook}",
+        "type": "link",
+        "url": runbook_url(DEFAULT_RUNBOOK_BASE, runbook),
+        "tooltip": "What to check and do when this panel's alert fires",
+        "icon": "doc",
+        "tags": [],
+        "asDropdown": False,
+        "includeVars": False,
+        "keepTime": False,
+        "targetBlank": True,
     }
 
 
@@ -179,7 +207,10 @@ def row(title: str) -> Panel:
 
 AGREEMENT_STEPS = thresholds((None, "red"), (0.95, "green"))
 LATENCY_STEPS = thresholds((None, "green"), (0.1, "red"))
-BURN_STEPS = thresholds((None, "green"), (6, "orange"), (14.4, "red"))
+# The alerts' table (monitoring/rules.py BURN_ALERTS): 14.4x over 1h and 6x over 6h page, 1x over
+# 3d tickets. A line past 6 is red: on the 6h window that pages.
+BURN_STEPS = thresholds((None, "green"), (1, "orange"), (6, "red"))
+BURN_SEVERITIES = "14.4 over 1h or 6 over 6h pages, 1 over 3 days tickets."
 
 
 def layout(panels: Iterable[Panel]) -> list[Panel]:
@@ -398,8 +429,9 @@ def oncall() -> Json:
             "timeseries",
             "Error rate (5xx)",
             "Share of requests answered with a 5xx. 4xx (bad input) is the caller's error "
-            "and not counted. Runbook: docs/runbooks/availability.md",
+            "and not counted.",
             targets((error_ratio(), "v{{version}}")),
+            runbook="availability",
             width=8,
             unit="percentunit",
             steps=thresholds((None, "green"), (0.01, "red")),
@@ -408,8 +440,9 @@ def oncall() -> Json:
             "timeseries",
             "Latency SLO burn rate",
             "How fast the latency error budget (5% of requests slower than the objective) "
-            "burns; 14.4 pages, 6 tickets. Runbook: docs/runbooks/latency.md",
+            f"burns; {BURN_SEVERITIES}",
             targets(*((latency_burn_rate(w), w) for w in burn_windows)),
+            runbook="latency",
             width=8,
             steps=BURN_STEPS,
         ),
@@ -417,8 +450,9 @@ def oncall() -> Json:
         panel(
             "timeseries",
             "Agreement",
-            "Top-1 agreement with the teacher. Runbook: docs/runbooks/agreement-drop.md",
+            "Top-1 agreement with the teacher.",
             targets((agreement(), "v{{version}}")),
+            runbook="agreement-drop",
             width=6,
             unit="percentunit",
             steps=AGREEMENT_STEPS,
@@ -426,8 +460,9 @@ def oncall() -> Json:
         panel(
             "timeseries",
             "Mean KL(teacher ‖ student)",
-            "Mean KL divergence per compared sample, in nats. Runbook: docs/runbooks/kl.md",
+            "Mean KL divergence per compared sample, in nats.",
             targets((mean_kl(), "v{{version}}")),
+            runbook="kl",
             width=6,
             steps=thresholds((None, "green"), (0.05, "red")),
         ),
@@ -435,19 +470,21 @@ def oncall() -> Json:
             "timeseries",
             "ECE",
             "Expected calibration error (15 bins) against the teacher's top-1 and against "
-            "feedback labels. Runbook: docs/runbooks/calibration.md",
+            "feedback labels.",
             targets(
                 (ece("teacher"), "vs teacher v{{version}}"),
                 (ece("label"), "vs labels v{{version}}"),
             ),
+            runbook="calibration",
             width=6,
             steps=thresholds((None, "green"), (0.05, "red")),
         ),
         panel(
             "timeseries",
             "Agreement SLO burn rate",
-            "How fast the agreement error budget burns; 14.4 pages, 6 tickets.",
+            f"How fast the agreement error budget burns; {BURN_SEVERITIES}",
             targets(*((agreement_burn_rate(w), w) for w in burn_windows)),
+            runbook="agreement-drop",
             width=6,
             steps=BURN_STEPS,
         ),
@@ -465,9 +502,9 @@ def oncall() -> Json:
         panel(
             "timeseries",
             "Shadow drops",
-            "Share of shadow samples dropped because the queue was full. "
-            "Runbook: docs/runbooks/shadow-drops.md",
+            "Share of shadow samples dropped because the queue was full.",
             targets((shadow_share("dropped"), "dropped")),
+            runbook="shadow-drops",
             width=6,
             unit="percentunit",
             steps=thresholds((None, "green"), (0.1, "red")),
@@ -475,8 +512,9 @@ def oncall() -> Json:
         panel(
             "timeseries",
             "Teacher errors",
-            "Share of shadow samples the teacher failed on. Runbook: docs/runbooks/teacher-down.md",
+            "Share of shadow samples the teacher failed on.",
             targets((shadow_share("teacher_error"), "teacher_error")),
+            runbook="teacher-down",
             width=6,
             unit="percentunit",
             steps=thresholds((None, "green"), (0.5, "red")),
@@ -484,13 +522,14 @@ def oncall() -> Json:
         panel(
             "timeseries",
             "Retrain webhook deliveries",
-            "Retrain webhook attempts by outcome. Runbook: docs/runbooks/webhook-failing.md",
+            "Retrain webhook attempts by outcome.",
             targets(
                 (
                     f"sum by (outcome) (increase(kdgate_retrain_requests_total{{{MODEL}}}[{W}]))",
                     "{{outcome}}",
                 )
             ),
+            runbook="webhook-failing",
             width=6,
         ),
     ]
@@ -580,9 +619,9 @@ def debug() -> Json:
         panel(
             "timeseries",
             "Input drift share",
-            "Share of input columns Evidently finds drifted against the reference sample. "
-            "Runbook: docs/runbooks/input-drift.md",
+            "Share of input columns Evidently finds drifted against the reference sample.",
             targets((f"max(kdgate_input_drift_share{{{MODEL}}})", "drift share")),
+            runbook="input-drift",
             unit="percentunit",
             steps=thresholds((None, "green"), (0.5, "red")),
         ),

@@ -172,3 +172,25 @@ class Metrics:
             ["model", "version"],
             registry=registry,
         )
+        # Micro-batcher (service/batching.py): observed once per batched run, never per request.
+        self.batch_rows = Histogram(
+            "kdgate_batch_rows",
+            "Rows per micro-batched session run (requests that ran inline are not counted).",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        )
+        self.batch_wait = Histogram(
+            "kdgate_batch_wait_seconds",
+            "Seconds the first request of a micro-batch waited for its run (the batch's longest "
+            "wait).",
+            ["model", "version"],
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1),
+            registry=registry,
+        )
+        self.teacher_breaker_state = Gauge(
+            "kdgate_teacher_breaker_state",
+            "Circuit breaker of a model's teacher calls: 0 closed, 1 half-open, 2 open.",
+            ["model"],
+            registry=registry,
+        )

@@ -18,6 +18,11 @@ threshold alerts over `window_seconds`, guarded by `min_samples`, with `for` and
 `keep_firing_for` = `consecutive_breaches x evaluate_every_seconds`: the in-process monitor's
 hysteresis. Every alert has `severity` (page | ticket), `slo`, `model` and `version` (drift is
 per model), and annotations `summary`, `description`, `runbook_url`, `observed`, `objective`.
+
+`runbook_url` is a link, `<runbook base>/<runbook>.md`: Alertmanager receivers and Grafana render
+it as one, so a repository path would be a dead link. The base defaults to
+`DEFAULT_RUNBOOK_BASE` (the runbooks of this repository); `kdgate rules --runbook-base URL` points
+it at your own copy (a wiki, an internal Git host).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -35,9 +41,12 @@ from kdgate.monitoring.slo import Objective, SloConfig, objectives_for
 from kdgate.monitoring.slo_monitor import le_label
 
 RULES_FILE = "kdgate-slo.rules.yml"
+DEFAULT_RUNBOOK_BASE = "https://github.com/kdgate/kdgate/blob/main/docs/runbooks"
 LATENCY_TARGET = 0.95  # the latency objective is a P95: 5 % of requests may be slower
 BURN_WINDOWS = ("5m", "30m", "1h", "6h", "3d")
-# severity -> (burn factor, long window, short window) pairs that fire it (either pair), and `for`
+# severity -> (burn factor, long window, short window) pairs that fire it (either pair), and `for`.
+# The SRE workbook's table: the two fast windows page (2 % and 5 % of a 30-day budget spent), the
+# slow one tickets (10 %). The hand-written availability rules use the same table (a test checks).
 BURN_ALERTS = {
     "page": (((14.4, "1h", "5m"), (6.0, "6h", "30m")), "2m"),
     "ticket": (((1.0, "3d", "6h"),), "15m"),
@@ -62,6 +71,19 @@ def duration(seconds: float) -> str:
         if total % size == 0:
             return f"{total // size}{unit}"
     return f"{total}s"
+
+
+def check_runbook_base(url: str) -> str:
+    """`url` checked to be an absolute http(s) link, returned without a trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"the runbook base must be an http(s) URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def runbook_url(base: str, runbook: str) -> str:
+    """The link to `docs/runbooks/<runbook>.md` under `base` (see `check_runbook_base`)."""
+    return f"{check_runbook_base(base)}/{runbook}.md"
 
 
 def latency_bucket(objective_seconds: float) -> float:
@@ -136,7 +158,7 @@ def _annotations(
     return {
         "summary": summary,
         "description": description,
-        "runbook_url": f"{base}{RUNBOOKS[slo]}.md",
+        "runbook_url": runbook_url(base, RUNBOOKS[slo]),
         "observed": "{{ $value }}",
         "objective": f"{objective:g}",
         "window_seconds": f"{window_seconds:g}",
@@ -242,9 +264,11 @@ def render_rules(
     slo_config: SloConfig,
     models: Sequence[str] | Mapping[str, Sequence[Objective]],
     *,
-    runbook_base: str = "docs/runbooks/",
+    runbook_base: str = DEFAULT_RUNBOOK_BASE,
 ) -> dict[str, Any]:
     """The rules file as a dict (dump with `yaml.safe_dump`): a recording and an alerting group.
+
+    `runbook_base`: an http(s) URL; each alert links `<runbook_base>/<runbook>.md`.
 
     `models`: names (objectives from the config alone) or name -> objectives (e.g. card-derived,
     so the rules use the same objectives as the in-process monitor).
@@ -314,12 +338,23 @@ def main_rules(
     slo_config: SloConfig,
     models: Sequence[str] | Mapping[str, Sequence[Objective]],
 ) -> int:
-    """`kdgate rules [--out DIR | --stdout]` after the caller loaded the config (`--config`)."""
+    """`kdgate rules [--out DIR | --stdout] [--runbook-base URL]` after the caller loaded the
+    config (`--config`)."""
     parser = argparse.ArgumentParser(prog="kdgate rules", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="deploy/prometheus/rules", help="output directory")
     parser.add_argument("--stdout", action="store_true", help="print instead of writing")
+    parser.add_argument(
+        "--runbook-base",
+        default=DEFAULT_RUNBOOK_BASE,
+        metavar="URL",
+        help=f"runbook_url of each alert is URL/<runbook>.md (default: {DEFAULT_RUNBOOK_BASE})",
+    )
     args, _ = parser.parse_known_args(argv)  # --config belongs to the caller
-    rules = render_rules(slo_config, models)
+    try:
+        base = check_runbook_base(args.runbook_base)
+    except ValueError as exc:
+        parser.error(str(exc))
+    rules = render_rules(slo_config, models, runbook_base=base)
     if args.stdout:
         print(dump_rules(rules), end="")
     else:

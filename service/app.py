@@ -30,6 +30,7 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.process_metrics import register_process_metrics
 from kdgate.service import schemas
 from kdgate.service.admin import build_admin_router
 from kdgate.service.endpoints import JsonResponse, build_router
@@ -180,6 +181,7 @@ def create_app(
     store = TrafficStore(settings.admin.state_dir)
     settings = store.restore(settings)  # what /admin changed wins over the file (logged)
     state = ServingState(settings, Metrics(registry or CollectorRegistry()))
+    register_process_metrics(state.metrics.registry)
     traffic = TrafficControl(state, student_loader, store)
     slo = SloRuntime(settings, state.metrics)
 

@@ -14,12 +14,16 @@ in a busy server, where its weights and code have left the CPU caches.
 
 Only single-input models whose input and outputs have a dynamic first (batch) dimension batch;
 the others always run inline. A failed batched run fails each request of the batch (500).
+
+Each batched run reports its rows and how long its first request waited (`observe_rows`,
+`observe_wait`, e.g. histograms' `observe`): two calls per batch, nothing per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +35,11 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 Run = Callable[[Arrays], Arrays]
+Observe = Callable[[float], None]
+
+
+def _ignore(_: float) -> None:
+    """The default observer: report nothing."""
 
 
 def batchable(signature: Signature) -> bool:
@@ -46,16 +55,28 @@ class Batcher:
     """Batches one session's runs for concurrent requests (see the module doc).
 
     `run` is looked up on `session` at each run, so a wrapper set later (tests) is honoured.
-    Not thread-safe: use it from the event loop.
+    `observe_rows(rows)` and `observe_wait(seconds)` are called once per batched run with its
+    row count and the wait of its first request (perf_counter seconds). Not thread-safe: use it
+    from the event loop.
     """
 
-    def __init__(self, session: Any, max_rows: int) -> None:
+    def __init__(
+        self,
+        session: Any,
+        max_rows: int,
+        *,
+        observe_rows: Observe = _ignore,
+        observe_wait: Observe = _ignore,
+    ) -> None:
         if max_rows < 2:
             raise ValueError("a batch needs max_rows >= 2")
         self.session = session
         self.max_rows = max_rows
+        self.observe_rows = observe_rows
+        self.observe_wait = observe_wait
         self._pending: list[tuple[Arrays, int, asyncio.Future[Arrays]]] = []
         self._rows = 0
+        self._opened = 0.0  # perf_counter() when the first request joined the waiting batch
         self._busy = False
 
     def busy(self) -> bool:
@@ -75,6 +96,7 @@ class Batcher:
             self.flush()
         loop = asyncio.get_running_loop()
         if not self._pending:
+            self._opened = time.perf_counter()
             loop.call_soon(self.flush)
         future: asyncio.Future[Arrays] = loop.create_future()
         self._pending.append((inputs, rows, future))
@@ -83,9 +105,14 @@ class Batcher:
 
     def flush(self) -> None:
         """Run every waiting request now, as one batch."""
-        pending, self._pending, self._rows = self._pending, [], 0
+        pending, self._pending, batch_rows, self._rows = self._pending, [], self._rows, 0
         if not pending:
             return
+        try:
+            self.observe_rows(batch_rows)
+            self.observe_wait(time.perf_counter() - self._opened)
+        except Exception:  # bookkeeping must never fail the requests
+            log.exception("batch observer failed")
         if len(pending) == 1:
             inputs, _, future = pending[0]
             _settle(future, self.session.run, inputs)

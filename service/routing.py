@@ -72,7 +72,12 @@ class Variant:
         self.session = session
         self.signature: Signature = session.signature
         self.batcher = (
-            Batcher(session, batch_max_rows)
+            Batcher(
+                session,
+                batch_max_rows,
+                observe_rows=metrics.batch_rows.labels(model, version).observe,
+                observe_wait=metrics.batch_wait.labels(model, version).observe,
+            )
             if batch_max_rows > 1 and batchable(self.signature)
             else None
         )

@@ -54,6 +54,10 @@ Arrays = Mapping[str, np.ndarray[Any, Any]]
 LATENCY_SAMPLE_SECONDS = 2.0
 
 
+# kdgate_teacher_breaker_state: ordered by how much of the teacher traffic is refused.
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
 def _shadow_fraction(state: ServingState, model: str) -> float:
     """The fraction of `model`'s current router (config, restored state or admin API)."""
     return state.routers[model].shadow_fraction
@@ -250,6 +254,10 @@ class Shadowing:
         breaker = CircuitBreaker(
             failure_threshold=model.teacher.breaker.failure_threshold,
             cooldown_seconds=model.teacher.breaker.cooldown_seconds,
+        )
+        # Read at scrape time: the breaker changes state on the teacher thread's schedule.
+        self.state.metrics.teacher_breaker_state.labels(model.name).set_function(
+            lambda: BREAKER_STATE_VALUES[breaker.state]
         )
         queue = ShadowQueue(
             self.state.metrics, model.name, capacity_rows=settings.shadow.queue_size

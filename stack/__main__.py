@@ -2,9 +2,10 @@
 
 Starts the webhook receiver, the teacher, the gateway, Alertmanager and Prometheus on
 127.0.0.1 (stack/run.py), then `kdgate loadgen` sending digits traffic with feedback labels,
-prints the URLs, and on SIGINT/SIGTERM stops everything in reverse order. Secrets come from
-KDGATE_ADMIN_TOKEN / KDGATE_WEBHOOK_SECRET (as in docker-compose.yml) or are generated for
-the run and printed once, since they are throwaway.
+prints the URLs, then one line per page or ticket notification and per retrain webhook as the
+receiver gets it (with the signature verdict), and on SIGINT/SIGTERM stops everything in reverse
+order. Secrets come from KDGATE_ADMIN_TOKEN / KDGATE_WEBHOOK_SECRET (as in docker-compose.yml)
+or are generated for the run and printed once, since they are throwaway.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
-    with running_stack(args.workdir, keys, ports=ports) as stack:
+    with running_stack(args.workdir, keys, ports=ports, report=show) as stack:
         loadgen = subprocess.Popen(
             [sys.executable, "-m", "kdgate.service.cli", "loadgen", "--url", stack.gateway.url,
              "--rate", str(args.rate), "--duration", "1e9", "--feedback", "0.5",
@@ -68,10 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  teacher       {stack.teacher.url}\n"
             f"  prometheus    {stack.prometheus.url}\n"
             f"  alertmanager  {stack.alertmanager.url}\n"
-            f"  receiver      {stack.receiver.url}   (retrain webhooks; /alerts/page, /ticket)\n"
+            f"  receiver      {stack.receiver.url}   (retrain webhooks; /alerts/page, /ticket;\n"
+            f"                GET http://127.0.0.1:{stack.receiver.port}/ lists what it got)\n"
             f"  loadgen       {args.rate:g} req/s, drift={args.drift}, feedback on half\n"
             "  secrets       KDGATE_ADMIN_TOKEN, KDGATE_WEBHOOK_SECRET (else made for this run)\n"
-            f"Grafana: import dashboards/json/*.json with {stack.prometheus.url} as datasource.",
+            f"Grafana: import dashboards/json/*.json with {stack.prometheus.url} as datasource.\n"
+            "Notifications and retrain requests as the receiver gets them:",
             flush=True,
         )
         try:
@@ -83,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop(loadgen, grace_seconds=5)
     print("kdgate stack stopped", flush=True)
     return 0
+
+
+def show(line: str) -> None:
+    """Print a receiver line at once (called from the receiver's threads)."""
+    print(f"  {line}", flush=True)
 
 
 if __name__ == "__main__":

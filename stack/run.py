@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +108,12 @@ def running_stack(
     gateway_overrides: Mapping[str, Any] | None = None,
     model_overrides: Mapping[str, Any] | None = None,
     slo_rules: Path | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> Iterator[Stack]:
-    """Start the whole stack under `workdir`; stop every process (reverse order) on exit."""
+    """Start the whole stack under `workdir`; stop every process (reverse order) on exit.
+
+    `report` gets one line per webhook or notification the receiver gets (stack/receiver.py).
+    """
     prometheus_bin = shutil.which("prometheus")
     alertmanager_bin = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
     if prometheus_bin is None or alertmanager_bin is None:
@@ -117,7 +121,7 @@ def running_stack(
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as processes:
         receiver = processes.enter_context(
-            webhook_receiver(secrets.webhook_secret, port=ports.receiver)
+            webhook_receiver(secrets.webhook_secret, port=ports.receiver, report=report)
         )
         teacher_config = write_kdgate_config(
             DEPLOY / "teacher.yaml", workdir / "teacher.yaml", {"server": {"port": ports.teacher}}

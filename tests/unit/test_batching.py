@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
+from kdgate.monitoring.metrics import Metrics
 from kdgate.service.batching import Batcher, batchable
 from kdgate.service.cards import TensorSpec
+from kdgate.service.routing import Variant
 from kdgate.service.runtime import StudentSession
 from kdgate.service.tensors import Signature
 from tests.support.tiny_model import write_tiny_student
@@ -141,3 +145,40 @@ async def test_a_lone_request_in_batch_mode_runs_by_itself(student: StudentSessi
 def test_max_rows_below_two_is_refused(student: StudentSession) -> None:
     with pytest.raises(ValueError, match="max_rows"):
         Batcher(student, max_rows=1)
+
+
+async def test_each_batch_reports_its_rows_and_first_wait_once(student: StudentSession) -> None:
+    registry = CollectorRegistry()
+    variant = Variant("digits", student, "1", Metrics(registry), batch_max_rows=32)
+    assert variant.batcher is not None
+    loop = asyncio.get_running_loop()
+    tasks = [
+        asyncio.ensure_future(variant.batcher.run(rows(n, s))) for s, n in enumerate([1, 3, 2])
+    ]
+    # Queued after the three requests' first steps, so before the flush the first one schedules:
+    # the batch's first request waits at least this long.
+    loop.call_soon(time.sleep, 0.03)
+    await asyncio.gather(*tasks)
+    await variant.batcher.run(rows(4, 9))  # a second batch, of one request
+
+    labels = {"model": "digits", "version": "1"}
+    value = registry.get_sample_value
+    assert value("kdgate_batch_rows_count", labels) == 2
+    assert value("kdgate_batch_rows_sum", labels) == 6 + 4
+    assert value("kdgate_batch_rows_bucket", {**labels, "le": "4.0"}) == 1
+    assert value("kdgate_batch_rows_bucket", {**labels, "le": "8.0"}) == 2
+    assert value("kdgate_batch_wait_seconds_count", labels) == 2
+    waited = value("kdgate_batch_wait_seconds_sum", labels)
+    assert waited is not None and 0.03 <= waited < 1.0
+
+
+async def test_a_failing_observer_fails_no_request(
+    student: StudentSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_: float) -> None:
+        raise RuntimeError("observer down")
+
+    batcher = Batcher(student, max_rows=32, observe_rows=broken)
+    answers = await asyncio.gather(*(batcher.run(rows(2, seed)) for seed in range(3)))
+    assert [len(a["logits"]) for a in answers] == [2, 2, 2]
+    assert "batch observer failed" in caplog.text

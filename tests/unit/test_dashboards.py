@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.rules import DEFAULT_RUNBOOK_BASE, runbook_url
 from tests.support.dashboards import (
     DASHBOARDS_DIR,
     iter_panels,
@@ -192,16 +193,22 @@ def test_every_variable_in_a_query_has_a_value() -> None:
         substitute("rate(x[$undefined])", {})
 
 
-def test_runbook_links_in_descriptions_exist() -> None:
-    linked = {
-        link
-        for board in DASHBOARDS.values()
-        for panel in iter_panels(board)
-        for link in re.findall(r"docs/runbooks/[\w-]+\.md", panel.get("description", ""))
-    }
-    assert linked, "no panel links a runbook"
-    missing = sorted(link for link in linked if not (ROOT / link).is_file())
-    assert not missing
+def test_every_runbook_is_a_panel_link_at_the_alerts_url() -> None:
+    linked: dict[str, str] = {}
+    for board in DASHBOARDS.values():
+        for panel in iter_panels(board):
+            for link in panel.get("links", []):
+                assert link["targetBlank"] is True
+                name = link["title"].removeprefix("Runbook: ")
+                linked[name] = link["url"]
+    runbooks = {path.stem for path in (ROOT / "docs/runbooks").glob("*.md")}
+    assert set(linked) == runbooks, "every runbook is linked from the panel its alert concerns"
+    for name, url in linked.items():
+        # The same URL as the alerts' runbook_url annotation.
+        assert url == runbook_url(DEFAULT_RUNBOOK_BASE, name)
+    for board in DASHBOARDS.values():
+        for panel in iter_panels(board):
+            assert "docs/runbooks/" not in panel.get("description", ""), panel["title"]
 
 
 def test_provisioning_points_grafana_at_the_dashboards() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import yaml
 
 from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS
 from kdgate.monitoring.rules import (
+    BURN_ALERTS,
+    DEFAULT_RUNBOOK_BASE,
     RULES_FILE,
     dump_rules,
     duration,
@@ -19,6 +22,7 @@ from kdgate.monitoring.rules import (
 from kdgate.monitoring.slo import SloConfig, objectives_for
 
 ROOT = Path(__file__).resolve().parents[2]
+RULES_DIR = ROOT / "deploy/prometheus/rules"
 RUNBOOKS = {"latency", "agreement-drop", "kl", "calibration", "input-drift"}
 
 
@@ -42,8 +46,8 @@ def test_every_alert_is_labelled_and_annotated() -> None:
         annotations = alert["annotations"]
         assert annotations["summary"] and annotations["description"]
         runbook = annotations["runbook_url"]
-        assert runbook.startswith("docs/runbooks/") and runbook.endswith(".md")
-        assert runbook.removeprefix("docs/runbooks/").removesuffix(".md") in RUNBOOKS
+        assert runbook.startswith(DEFAULT_RUNBOOK_BASE + "/") and runbook.endswith(".md")
+        assert runbook.removeprefix(DEFAULT_RUNBOOK_BASE + "/").removesuffix(".md") in RUNBOOKS
         by = "by (model)" if alert["labels"]["slo"] == "drift_share" else "(model, version)"
         assert by in alert["expr"]
     # Both models get their own alerts.
@@ -102,3 +106,70 @@ def test_main_rules_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixtur
     written = yaml.safe_load((tmp_path / RULES_FILE).read_text())
     assert written == render_rules(SloConfig(), ["digits"])
     assert str(tmp_path / RULES_FILE) in capsys.readouterr().out
+
+
+def committed_alerts() -> list[dict]:
+    """Every alerting rule of every committed rules file (hand-written and rendered)."""
+    return [
+        a
+        for path in sorted(RULES_DIR.glob("*.yml"))
+        for a in alerts(yaml.safe_load(path.read_text()))
+    ]
+
+
+def test_runbook_base_flag_makes_links(capsys: pytest.CaptureFixture[str]) -> None:
+    base = "https://wiki.example.com/ml/kdgate-runbooks/"
+    assert main_rules(["--stdout", "--runbook-base", base], SloConfig(), ["digits"]) == 0
+    links = {
+        a["annotations"]["runbook_url"] for a in alerts(yaml.safe_load(capsys.readouterr().out))
+    }
+    expected = {f"https://wiki.example.com/ml/kdgate-runbooks/{name}.md" for name in RUNBOOKS}
+    assert links == expected
+
+
+@pytest.mark.parametrize("base", ["docs/runbooks/", "ftp://host/runbooks", "https://"])
+def test_runbook_base_must_be_an_http_link(base: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main_rules(["--stdout", "--runbook-base", base], SloConfig(), ["digits"])
+    assert exit_info.value.code == 2
+    assert "the runbook base must be an http(s) URL" in capsys.readouterr().err
+
+
+def test_every_committed_runbook_url_is_a_link_to_an_existing_runbook() -> None:
+    found = committed_alerts()
+    assert len(found) > 10
+    for alert in found:
+        url = alert["annotations"]["runbook_url"]
+        assert url.startswith(DEFAULT_RUNBOOK_BASE + "/"), alert["alert"]
+        assert (ROOT / "docs/runbooks" / url.removeprefix(DEFAULT_RUNBOOK_BASE + "/")).is_file()
+
+
+def burn_windows(expr: str) -> list[tuple[str, str]]:
+    """The (long, short) window pairs of a burn-rate expression, in order."""
+    windows = re.findall(r":ratio_rate(\w+)\b", expr)
+    assert windows and len(windows) % 2 == 0, expr
+    return list(zip(windows[::2], windows[1::2], strict=True))
+
+
+def test_one_severity_per_burn_window_in_every_rules_file() -> None:
+    expected = {
+        (long, short): severity
+        for severity, (pairs, _) in BURN_ALERTS.items()
+        for _, long, short in pairs
+    }
+    # The SRE workbook's choice: the fast windows page, the slow one tickets.
+    assert expected == {("1h", "5m"): "page", ("6h", "30m"): "page", ("3d", "6h"): "ticket"}
+    seen: dict[tuple[str, str], set[str]] = {}
+    for alert in committed_alerts():
+        if alert["alert"].endswith("BudgetBurn"):
+            for pair in burn_windows(alert["expr"]):
+                seen.setdefault(pair, set()).add(alert["labels"]["severity"])
+    assert seen == {pair: {severity} for pair, severity in expected.items()}
+
+
+def test_an_absent_alert_watches_the_scraped_gateway_job() -> None:
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    gateway_job = prometheus["scrape_configs"][0]["job_name"]
+    (absent,) = [a for a in committed_alerts() if a["expr"].startswith("absent(")]
+    assert absent["expr"] == f'absent(up{{job="{gateway_job}"}} == 1)'
+    assert absent["labels"] == {"severity": "page", "job": gateway_job}
