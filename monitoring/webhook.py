@@ -54,6 +54,8 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks prefix, not a sec
 _PLACEHOLDER_SECRETS = {
     "", "changeme", "change-me", "change_me", "secret", "password", "placeholder", "xxx", "todo",
 }  # fmt: skip
+# Longest wait between notifier rounds while they keep failing (the outbox is unusable).
+ERROR_BACKOFF_CAP_SECONDS = 30.0
 # Standard Webhooks keys are 24 to 64 random bytes; shorter keys are refused at startup.
 MIN_KEY_BYTES = 24
 _HOW_TO_MAKE = 'make one with: echo "whsec_$(openssl rand -base64 32)"'
@@ -231,15 +233,37 @@ class Notifier:
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver due entries forever, polling every `poll_seconds`; stop by cancelling."""
+        """Deliver due entries forever, polling every `poll_seconds`; stop by cancelling.
+
+        A round that fails (the outbox cannot be read, ...) is logged and the task goes on,
+        waiting longer after each failure in a row (doubling from `poll_seconds`, at most
+        `ERROR_BACKOFF_CAP_SECONDS`) so a lasting fault is one line per try, not a traceback
+        every poll; `wake()` still starts a round at once. Entries are never lost by a failed
+        round: they stay in the outbox and are claimed again.
+        """
+        failures = 0
         while True:
             self._wake.clear()  # before the round: a wake() during the round is not lost
             try:
                 await self.deliver_due()
-            except Exception:  # a broken database file must not kill the task silently
-                log.exception("webhook delivery round failed; retrying at the next poll")
+            except Exception as exc:
+                failures += 1
+                wait = min(ERROR_BACKOFF_CAP_SECONDS, self._config.poll_seconds * 2**failures)
+                log.error(
+                    "webhook delivery round failed (%d in a row): %s: %s; next try in %.2f s",
+                    failures,
+                    type(exc).__name__,
+                    exc,
+                    wait,
+                    exc_info=failures == 1,  # the traceback once per incident
+                )
+            else:
+                if failures:
+                    log.warning("webhook delivery works again after %d failed rounds", failures)
+                failures = 0
+                wait = self._config.poll_seconds
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._config.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def deliver_due(self) -> int:
         """One round: claim due entries (in a thread) and POST each. Returns how many were tried."""

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import random
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -327,6 +328,37 @@ async def test_run_loop_delivers_after_wake_and_stops_on_cancel(
         await asyncio.to_thread(outbox.enqueue, {}, dedup_key="k", model="digits")
         notifier.wake()
         assert await asyncio.to_thread(receiver.received.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(receiver.requests) == 1
+
+
+async def test_run_loop_survives_an_unusable_outbox_with_bounded_backoff(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    metrics = Metrics(CollectorRegistry())
+    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3")
+    config = WebhookConfig(url=receiver.url, secret=SECRET, poll_seconds=0.01)
+    shutil.rmtree(outbox.path.parent)
+    outbox.path.parent.write_text("a file where the outbox directory was")
+    async with httpx.AsyncClient() as client:
+        task = asyncio.create_task(Notifier(outbox, client, config, metrics).run())
+        await asyncio.sleep(1.5)
+        assert not task.done()
+        failures = [r for r in caplog.records if "delivery round failed" in r.getMessage()]
+        # Doubling from 10 ms: about 7 rounds in 1.5 s, not 150; one traceback, then one line.
+        assert 3 <= len(failures) <= 10
+        assert [bool(r.exc_info) for r in failures].count(True) == 1
+        outbox.path.parent.unlink()  # repaired: the next round recreates the outbox
+        await asyncio.to_thread(outbox.enqueue, {}, dedup_key="k", model="digits")
+        assert await asyncio.to_thread(receiver.received.wait, 5)
+        deadline = time.monotonic() + 5
+        while "works again" not in caplog.text:
+            assert time.monotonic() < deadline, "the recovery was not logged"
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
