@@ -26,7 +26,7 @@ import hashlib
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from kdgate.monitoring.webhook import retrain_payload
 
@@ -55,7 +55,8 @@ class RetrainRequest:
     payload: dict[str, Any]
 
 
-class Skipped(NamedTuple):
+@dataclass(frozen=True)
+class Skipped:
     """A firing alert that was not queued: its index in `alerts` and why."""
 
     index: int

@@ -48,6 +48,7 @@ _CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 class OutboxUnavailable(Exception):
     """The outbox cannot store or read entries now (unwritable directory, full disk, ...)."""
 
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id              TEXT PRIMARY KEY,      -- the webhook-id, stable across retries
@@ -201,10 +202,13 @@ class Outbox:
 
         def insert(db: sqlite3.Connection) -> bool:
             with _transaction(db):
-                if cooldown_seconds is not None and db.execute(
-                    "SELECT 1 FROM outbox WHERE model = ? AND slo IS ? AND created > ? LIMIT 1",
-                    (model, slo, now - cooldown_seconds),
-                ).fetchone():
+                if (
+                    cooldown_seconds is not None
+                    and db.execute(
+                        "SELECT 1 FROM outbox WHERE model = ? AND slo IS ? AND created > ? LIMIT 1",
+                        (model, slo, now - cooldown_seconds),
+                    ).fetchone()
+                ):
                     return False
                 cursor = db.execute(
                     "INSERT INTO outbox (id, dedup_key, model, slo, created, next_attempt_at,"

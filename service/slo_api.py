@@ -16,6 +16,7 @@ answer is 503 with Retry-After, so Alertmanager sends the group again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import orjson
@@ -127,7 +128,7 @@ def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:
             {
                 "queued": queued,
                 "duplicates": len(batch.requests) - len(queued),
-                "skipped": [s._asdict() for s in batch.skipped],
+                "skipped": [dataclasses.asdict(s) for s in batch.skipped],
             },
             status_code=202,
         )
