@@ -224,9 +224,10 @@ def test_teacher_timing_out_opens_the_breaker(tmp_path: Path) -> None:
     seen = outcomes(text)
     assert seen["compared"] == 0 and seen["teacher_error"] + seen["dropped"] == 50
     # The breaker opened after three failed calls: no more than three reached the teacher (a
-    # call timed out before its request arrived is not counted by the stub).
+    # call timed out before its request arrived is not counted by the stub; with the 50 ms
+    # total deadline on a busy machine that can be all three).
     assert breaker == "open"
-    assert 1 <= teacher.calls <= 3
+    assert teacher.calls <= 3
 
 
 def test_sigterm_ends_promptly_while_the_teacher_trickles_forever(tmp_path: Path) -> None:
