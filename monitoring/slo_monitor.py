@@ -332,8 +332,9 @@ class Monitor:
         Evaluation is a few microseconds of numpy per SLO, so it runs on the loop; `on_breach`
         (a database write) runs in a worker thread. A round or an `on_breach` that raises is
         logged and the task goes on: a breach whose `on_breach` failed stays pending and is
-        handed over again at each following evaluation until it succeeds, so an outbox that
-        cannot be written for a while delays a retrain request but never loses it.
+        handed over again at each following evaluation until it succeeds (at most one per
+        model and SLO), so an outbox that cannot be written for a while delays a retrain request
+        but never loses it.
         """
         callback, self._on_breach = self._on_breach, None
         pending: list[tuple[str, Breach]] = []
@@ -341,7 +342,11 @@ class Monitor:
             while not stop.is_set():
                 try:
                     self.sample()
-                    pending.extend(self.evaluate())
+                    for model, breach in self.evaluate():
+                        # One pending request per SLO: a later breach of an SLO still waiting
+                        # is the same incident (and the outbox cooldown would refuse it).
+                        if all((m, b["slo"]) != (model, breach["slo"]) for m, b in pending):
+                            pending.append((model, breach))
                 except Exception:
                     log.exception("SLO evaluation failed; trying again at the next one")
                 if callback is not None:
