@@ -12,6 +12,11 @@ Every method is blocking file I/O (and an fsync on commit): call it from a worke
 (`await asyncio.to_thread(outbox.enqueue, ...)`), never on the event loop. Each call opens its own
 connection, so calls from different threads never share one.
 
+Faults: a deleted file (or directory) is recreated, a corrupt file is moved aside
+(`<name>.corrupt-<time>`) and recreated, both logged as errors; any other failure (an unwritable
+directory, a full disk) raises `OutboxUnavailable`, so callers can keep what they wanted to store
+and try again later instead of losing it.
+
 Durability: WAL journal with `synchronous=FULL`. In WAL mode NORMAL survives a process crash
 (SIGKILL) but may lose the last commits on power loss; FULL syncs the WAL on every commit. The
 outbox writes a handful of rows per hour, so the fsync costs nothing that matters, and "never
@@ -21,16 +26,28 @@ lost" holds for power loss too.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+log = logging.getLogger(__name__)
 
 Status = Literal["pending", "delivered", "failed"]
+T = TypeVar("T")
+_COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite's files beside the database
+_CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+class OutboxUnavailable(Exception):
+    """The outbox cannot store or read entries now (unwritable directory, full disk, ...)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -79,15 +96,77 @@ def new_message_id() -> str:
 
 
 class Outbox:
-    """SQLite outbox at `path` (created with its parent directory). `clock` returns unix seconds."""
+    """SQLite outbox at `path` (created with its parent directory). `clock` returns unix seconds.
+
+    Raises `OutboxUnavailable` (here and from every method) when the file cannot be used.
+    """
 
     def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
+        self._created = False  # after the first creation, a missing file is an incident
+        self._run(lambda db: None)
+
+    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` on a fresh connection; a deleted file is recreated, a corrupt or empty one
+        repaired once; any other failure raises OutboxUnavailable."""
+        damage: sqlite3.DatabaseError | None = None
+        for attempt in (1, 2):
+            try:
+                if damage is not None:
+                    self._repair(damage)
+                if not self.path.is_file():
+                    self._create()
+                with self._connect() as db:
+                    return work(db)
+            except sqlite3.DatabaseError as exc:
+                if attempt == 1 and _damaged(exc):
+                    damage = exc
+                    continue
+                raise OutboxUnavailable(f"outbox {self.path}: {exc}") from exc
+            except OSError as exc:  # the directory cannot be made, a file not moved
+                raise OutboxUnavailable(f"outbox {self.path}: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _create(self) -> None:
+        lost = self._created
+        if lost:
+            # A stale WAL beside a new database would be replayed into it: keep it aside.
+            self._move_aside(_aside(self.path, "orphan"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
             db.executescript(_SCHEMA)
+        self._created = True
+        if lost:
+            log.error(
+                "outbox %s had disappeared: recreated it empty (entries it held are lost)",
+                self.path,
+            )
+
+    def _repair(self, damage: sqlite3.DatabaseError) -> None:
+        """After `damage` (see `_damaged`): move a corrupt file aside, or add the schema."""
+        if _error_code(damage) in _CORRUPT:
+            aside = _aside(self.path, "corrupt")
+            self._move_aside(aside)
+            self._created = False  # moved on purpose: not an incident of its own
+            log.error(
+                "outbox %s is corrupt (%s): moved it aside to %s and started a new one",
+                self.path,
+                damage,
+                aside,
+            )
+        else:
+            log.error("outbox %s has no outbox table: recreating its schema", self.path)
+            self._created = False
+        self._create()
+
+    def _move_aside(self, name: str) -> None:
+        """Rename the database and its companion files that exist to `name` (+ suffix)."""
+        for suffix in ("", *_COMPANIONS):
+            source = self.path.with_name(self.path.name + suffix)
+            if source.exists():
+                source.replace(self.path.with_name(name + suffix))
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -109,18 +188,20 @@ class Outbox:
         model: str,
         slo: str | None = None,
         cooldown_seconds: float | None = None,
+        entry_id: str | None = None,
     ) -> str | None:
         """Store a request; return its id, or None when refused.
 
-        Refused when an entry with `dedup_key` exists (any status), or, with `cooldown_seconds`,
-        when an entry for the same (model, slo) was created less than that many seconds ago.
+        Refused when an entry with `dedup_key` (or `entry_id`) exists (any status), or, with
+        `cooldown_seconds`, when an entry for the same (model, slo) was created less than that
+        many seconds ago. `entry_id` (the webhook-id) defaults to a fresh `new_message_id()`.
         """
         now = self._clock()
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True)
-        entry_id = new_message_id()
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+        new_id = entry_id or new_message_id()
+
+        def insert(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
                 if (
                     cooldown_seconds is not None
                     and db.execute(
@@ -128,18 +209,15 @@ class Outbox:
                         (model, slo, now - cooldown_seconds),
                     ).fetchone()
                 ):
-                    db.execute("ROLLBACK")
-                    return None
+                    return False
                 cursor = db.execute(
                     "INSERT INTO outbox (id, dedup_key, model, slo, created, next_attempt_at,"
-                    " payload) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedup_key) DO NOTHING",
-                    (entry_id, dedup_key, model, slo, now, now, body),
+                    " payload) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (new_id, dedup_key, model, slo, now, now, body),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return entry_id if cursor.rowcount == 1 else None
+                return cursor.rowcount == 1
+
+        return new_id if self._run(insert) else None
 
     def enqueue_breach(
         self, model: str, slo: str, payload: Mapping[str, Any], *, cooldown_seconds: float
@@ -157,9 +235,9 @@ class Outbox:
         the same file skips them, and an entry whose deliverer died is retried after the lease.
         """
         now = self._clock()
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+
+        def claim(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            with _transaction(db):
                 rows = db.execute(
                     "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
                     " ORDER BY next_attempt_at, created LIMIT ?",
@@ -169,11 +247,9 @@ class Outbox:
                     "UPDATE outbox SET next_attempt_at = ? WHERE id = ?",
                     [(now + lease_seconds, row[0]) for row in rows],
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return [_entry(row) for row in rows]
+            return rows
+
+        return [_entry(row) for row in self._run(claim)]
 
     def mark_delivered(self, entry_id: str) -> None:
         """The receiver answered 2xx."""
@@ -184,36 +260,68 @@ class Outbox:
         self._finish(entry_id, "failed", error)
 
     def _finish(self, entry_id: str, status: Status, error: str | None) -> None:
-        with self._connect() as db:
-            db.execute(
+        self._run(
+            lambda db: db.execute(
                 "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?,"
                 " finished_at = ? WHERE id = ?",
                 (status, error, self._clock(), entry_id),
             )
+        )
 
     def schedule_retry(self, entry_id: str, next_attempt_at: float, error: str) -> None:
         """Record a failed attempt and when to try again (unix seconds)."""
-        with self._connect() as db:
-            db.execute(
+        self._run(
+            lambda db: db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?"
                 " WHERE id = ?",
                 (next_attempt_at, error, entry_id),
             )
+        )
 
     def get(self, entry_id: str) -> OutboxEntry | None:
         """One entry by id."""
-        with self._connect() as db:
-            row = db.execute("SELECT * FROM outbox WHERE id = ?", (entry_id,)).fetchone()
+        row = self._run(
+            lambda db: db.execute("SELECT * FROM outbox WHERE id = ?", (entry_id,)).fetchone()
+        )
         return None if row is None else _entry(row)
 
     def entries(self, status: Status | None = None) -> list[OutboxEntry]:
         """All entries (optionally with one status), oldest first."""
-        with self._connect() as db:
-            rows = db.execute(
+        rows = self._run(
+            lambda db: db.execute(
                 "SELECT * FROM outbox WHERE ? IS NULL OR status = ? ORDER BY created",
                 (status, status),
             ).fetchall()
+        )
         return [_entry(row) for row in rows]
+
+
+def _error_code(exc: sqlite3.Error) -> int:
+    """The primary SQLite result code of `exc` (extended codes carry it in the low byte)."""
+    return int(getattr(exc, "sqlite_errorcode", 0)) & 0xFF
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Whether `exc` says the file is not a usable outbox (corrupt, or empty: no table)."""
+    return _error_code(exc) in _CORRUPT or str(exc).startswith("no such table")
+
+
+def _aside(path: Path, kind: str) -> str:
+    """The name a broken outbox file is moved to: `<name>.<kind>-<UTC time>`."""
+    return f"{path.name}.{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}"
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE .. COMMIT (ROLLBACK on any exception): the read and the write that
+    follow are one atomic step, even with several processes on the same file."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -39,6 +40,8 @@ from kdgate.monitoring.metrics import CALIBRATION_BINS, LATENCY_BUCKETS_SECONDS,
 from kdgate.monitoring.recorder import TEACHER_VERSION
 from kdgate.monitoring.slo import Breach, Objective, SloConfig, SloName
 from kdgate.monitoring.window import BucketedWindow
+
+log = logging.getLogger(__name__)
 
 
 def histogram_quantile(q: float, upper_bounds: Sequence[float], counts: npt.ArrayLike) -> float:
@@ -144,6 +147,7 @@ class Monitor:
         for model, slo in self._states:
             metrics.slo_breached.labels(model=model, slo=slo).set(0)
         self._last: dict[tuple[str, str, str, int], float] = {}
+        self._failing = False  # the last hand-over failed: log tracebacks once per incident
 
     # -- observations -------------------------------------------------------------------------
 
@@ -326,16 +330,52 @@ class Monitor:
         """Sample and evaluate every `evaluate_every_seconds` until `stop` is set.
 
         Evaluation is a few microseconds of numpy per SLO, so it runs on the loop; `on_breach`
-        (a database write) runs in a worker thread.
+        (a database write) runs in a worker thread. A round or an `on_breach` that raises is
+        logged and the task goes on: a breach whose `on_breach` failed stays pending and is
+        handed over again at each following evaluation until it succeeds (at most one per
+        model and SLO), so an outbox that cannot be written for a while delays a retrain request
+        but never loses it.
         """
         callback, self._on_breach = self._on_breach, None
+        pending: list[tuple[str, Breach]] = []
         try:
             while not stop.is_set():
-                self.sample()
-                for model, breach in self.evaluate():
-                    if callback is not None:
-                        await asyncio.to_thread(callback, model, breach)
+                try:
+                    self.sample()
+                    for model, breach in self.evaluate():
+                        # One pending request per SLO: a later breach of an SLO still waiting
+                        # is the same incident (and the outbox cooldown would refuse it).
+                        if all((m, b["slo"]) != (model, breach["slo"]) for m, b in pending):
+                            pending.append((model, breach))
+                except Exception:
+                    log.exception("SLO evaluation failed; trying again at the next one")
+                if callback is not None:
+                    pending = await self._hand_over(callback, pending)
+                else:
+                    pending.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._config.evaluate_every_seconds)
         finally:
             self._on_breach = callback
+
+    async def _hand_over(
+        self, callback: BreachCallback, breaches: list[tuple[str, Breach]]
+    ) -> list[tuple[str, Breach]]:
+        """Pass each breach to `callback` (in a thread); return those it failed on."""
+        failed = []
+        for model, breach in breaches:
+            try:
+                await asyncio.to_thread(callback, model, breach)
+            except Exception as exc:
+                failed.append((model, breach))
+                log.error(
+                    "retrain request for SLO %s of %s not stored (%s: %s); it stays pending and"
+                    " is retried at the next evaluation",
+                    breach["slo"],
+                    model,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=len(failed) == 1 and not self._failing,
+                )
+        self._failing = bool(failed)
+        return failed

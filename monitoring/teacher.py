@@ -27,9 +27,13 @@ import onnxruntime as ort
 import orjson
 from numpy.typing import NDArray
 
+from kdgate.monitoring.deadline import total_deadline
 from kdgate.monitoring.priority import lowest_thread_priority
 
 Logits = NDArray[np.float32]
+# Far above any batch of logits in JSON (64 rows x 1,000 classes is ~1.5 MB); a bound, so a
+# misbehaving teacher cannot fill the gateway's memory within its deadline.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 class TeacherError(Exception):
@@ -117,9 +121,14 @@ class RemoteOipTeacher:
     closed by `aclose`; it is used from one worker thread of this teacher's (started on the first
     `infer`, at the lowest priority; the caller's contextvars, e.g. the current trace span, are
     carried over to it). Each `infer` is one `POST {url}/v2/models/{model}[/versions/{v}]/infer`
-    with the whole batch as one FP32 tensor (JSON), asking for `output_name` only, with a total
-    timeout of `timeout_seconds`. `version` is what the teacher reports as its version; when
-    `model_version` is set, the request is pinned to that version on the remote side.
+    with the whole batch as one FP32 tensor (JSON), asking for `output_name` only, ending within
+    `timeout_seconds` in total, however slowly the teacher answers, when the client's transport
+    is a `monitoring.deadline.DeadlineTransport` (service/shadowing.py builds it so; on another
+    transport it bounds each socket operation only). So a trickling teacher holds the thread for
+    one timeout per batch, shadowing resumes with the next batch once it recovers, and `aclose`
+    returns within one timeout. Answers over `MAX_ANSWER_BYTES` are refused. `version` is what
+    the teacher reports as its version; when `model_version` is set, the request is pinned to
+    that version on the remote side.
     """
 
     def __init__(
@@ -141,6 +150,7 @@ class RemoteOipTeacher:
         self._client = client
         path = f"/v2/models/{model}" + (f"/versions/{model_version}" if model_version else "")
         self._endpoint = url.rstrip("/") + path + "/infer"
+        self._timeout_seconds = timeout_seconds
         self._timeout = httpx.Timeout(timeout_seconds)
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"teacher-{model}", initializer=lowest_thread_priority
@@ -171,19 +181,35 @@ class RemoteOipTeacher:
             "outputs": [{"name": self.output_name}],
         }
         try:
-            response = self._client.post(
-                self._endpoint,
-                content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
-                headers={"content-type": "application/json"},
-                timeout=self._timeout,
-            )
+            with (
+                total_deadline(self._timeout_seconds),
+                self._client.stream(
+                    "POST",
+                    self._endpoint,
+                    content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                    headers={"content-type": "application/json"},
+                    timeout=self._timeout,
+                ) as response,
+            ):
+                content = self._read(response)
         except httpx.HTTPError as exc:
             raise TeacherError(f"teacher {self._endpoint}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
-            raise TeacherError(
-                f"teacher {self._endpoint} answered {response.status_code}: {response.text[:200]}"
-            )
-        return checked_logits(self._output(response.content), len(rows))
+            text = content[:200].decode(errors="replace")
+            raise TeacherError(f"teacher {self._endpoint} answered {response.status_code}: {text}")
+        return checked_logits(self._output(content), len(rows))
+
+    def _read(self, response: httpx.Response) -> bytes:
+        """The answer's body, refusing one over `MAX_ANSWER_BYTES`."""
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise TeacherError(
+                    f"teacher {self._endpoint}: answer over {MAX_ANSWER_BYTES} bytes refused"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _output(self, content: bytes) -> NDArray[Any]:
         try:

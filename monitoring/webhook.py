@@ -6,8 +6,11 @@ Signing (https://www.standardwebhooks.com): three headers on every POST
     webhook-timestamp: unix seconds of this attempt
     webhook-signature: v1,<base64 HMAC-SHA256(key, f"{id}.{timestamp}.{body}")>
 
-The key is the secret's bytes: for a `whsec_<base64>` secret, the base64-decoded bytes after the
-prefix (the Standard Webhooks form); for any other string, its UTF-8 bytes.
+The secret is the Standard Webhooks form `whsec_<base64>`; the key is the base64-decoded bytes
+after the prefix, exactly what the official libraries derive from the same string, so a receiver
+built on them verifies kdgate's deliveries. Any other form is refused at startup: a bare string
+would be read as UTF-8 bytes by some receivers and as base64 by the official ones, and the
+signatures would silently disagree. Make one with `echo "whsec_$(openssl rand -base64 32)"`.
 
 Delivery::
 
@@ -51,6 +54,11 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks prefix, not a sec
 _PLACEHOLDER_SECRETS = {
     "", "changeme", "change-me", "change_me", "secret", "password", "placeholder", "xxx", "todo",
 }  # fmt: skip
+# Longest wait between notifier rounds while they keep failing (the outbox is unusable).
+ERROR_BACKOFF_CAP_SECONDS = 30.0
+# Standard Webhooks keys are 24 to 64 random bytes; shorter keys are refused at startup.
+MIN_KEY_BYTES = 24
+_HOW_TO_MAKE = 'make one with: echo "whsec_$(openssl rand -base64 32)"'
 
 
 class WebhookConfig(BaseModel):
@@ -81,7 +89,7 @@ class WebhookConfig(BaseModel):
         value = secret.get_secret_value()
         if value.strip().lower() in _PLACEHOLDER_SECRETS or value.startswith("<"):
             raise ValueError("webhook secret is a placeholder; set a real one or leave it unset")
-        signing_key(value)  # a malformed whsec_ secret fails at startup, not at first delivery
+        signing_key(value)  # a malformed secret fails at startup, not at first delivery
         return secret
 
     @model_validator(mode="after")
@@ -92,13 +100,28 @@ class WebhookConfig(BaseModel):
 
 
 def signing_key(secret: str) -> bytes:
-    """The HMAC key for `secret`: base64-decoded for `whsec_...`, else the UTF-8 bytes."""
-    if secret.startswith(SECRET_PREFIX):
-        try:
-            return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
-        except binascii.Error as exc:
-            raise ValueError("a whsec_ secret must be base64 after the prefix") from exc
-    return secret.encode()
+    """The HMAC key of a `whsec_<base64>` secret: the decoded bytes after the prefix.
+
+    Raises ValueError, with how to make a good secret, for any other form or a key shorter than
+    `MIN_KEY_BYTES`. Padding is optional, as in the official libraries (they add it back).
+    """
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    if encoded == secret:
+        raise ValueError(
+            f"webhook secret must be the Standard Webhooks form whsec_<base64>; {_HOW_TO_MAKE}"
+        )
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError(
+            f"webhook secret must be standard base64 after whsec_; {_HOW_TO_MAKE}"
+        ) from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(
+            f"webhook secret decodes to {len(key)} bytes, need at least {MIN_KEY_BYTES}; "
+            + _HOW_TO_MAKE
+        )
+    return key
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -210,15 +233,37 @@ class Notifier:
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver due entries forever, polling every `poll_seconds`; stop by cancelling."""
+        """Deliver due entries forever, polling every `poll_seconds`; stop by cancelling.
+
+        A round that fails (the outbox cannot be read, ...) is logged and the task goes on,
+        waiting longer after each failure in a row (doubling from `poll_seconds`, at most
+        `ERROR_BACKOFF_CAP_SECONDS`) so a lasting fault is one line per try, not a traceback
+        every poll; `wake()` still starts a round at once. Entries are never lost by a failed
+        round: they stay in the outbox and are claimed again.
+        """
+        failures = 0
         while True:
             self._wake.clear()  # before the round: a wake() during the round is not lost
             try:
                 await self.deliver_due()
-            except Exception:  # a broken database file must not kill the task silently
-                log.exception("webhook delivery round failed; retrying at the next poll")
+            except Exception as exc:
+                failures += 1
+                wait = min(ERROR_BACKOFF_CAP_SECONDS, self._config.poll_seconds * 2**failures)
+                log.error(
+                    "webhook delivery round failed (%d in a row): %s: %s; next try in %.2f s",
+                    failures,
+                    type(exc).__name__,
+                    exc,
+                    wait,
+                    exc_info=failures == 1,  # the traceback once per incident
+                )
+            else:
+                if failures:
+                    log.warning("webhook delivery works again after %d failed rounds", failures)
+                failures = 0
+                wait = self._config.poll_seconds
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._config.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def deliver_due(self) -> int:
         """One round: claim due entries (in a thread) and POST each. Returns how many were tried."""

@@ -31,6 +31,7 @@ import numpy as np
 
 from kdgate.monitoring.breaker import CircuitBreaker
 from kdgate.monitoring.capture import CaptureStore
+from kdgate.monitoring.deadline import DeadlineTransport
 from kdgate.monitoring.feedback import FeedbackStore
 from kdgate.monitoring.fidelity_window import FidelityWindow
 from kdgate.monitoring.latency_window import LatencyWindow
@@ -316,8 +317,11 @@ class Shadowing:
         if self._client is None:
             hooks = {"request": [self._tracing.inject_traceparent]} if self._tracing else {}
             # No environment proxies: the teacher is a known endpoint, not general egress.
-            # Synchronous: each remote teacher calls it from its own worker thread.
-            self._client = httpx.Client(trust_env=False, event_hooks=hooks)
+            # Synchronous: each remote teacher calls it from its own worker thread. The deadline
+            # transport makes the teacher's timeout a total per call, not a per-read one.
+            self._client = httpx.Client(
+                transport=DeadlineTransport(), trust_env=False, event_hooks=hooks
+            )
         return self._client
 
     async def _sample_latency(self) -> None:

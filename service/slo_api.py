@@ -6,30 +6,43 @@
     POST /v1/hooks/alertmanager    Alertmanager v4 webhook -> retrain requests in the outbox
 
 The hook takes the admin bearer token (`admin.token`; the hook is off, 404, while it is null):
-no or malformed `Authorization` -> 401, another token -> 403. Firing alerts become outbox
-entries deduplicated by fingerprint + `startsAt`; resolved alerts are ignored.
+no or malformed `Authorization` -> 401, another token -> 403. The body is bounded by
+`server.max_body_bytes` and `monitoring.alertmanager.MAX_ALERTS` (413). Firing alerts become
+outbox entries deduplicated by fingerprint + `startsAt`; resolved alerts are ignored, alerts for
+a model not served here are skipped (listed in the answer). When the outbox cannot be written the
+answer is 503 with Retry-After, so Alertmanager sends the group again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 
 import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.exceptions import HTTPException
 
-from kdgate.monitoring.alertmanager import retrain_requests
+from kdgate.monitoring.alertmanager import TooManyAlerts, read_alerts
+from kdgate.monitoring.outbox import OutboxUnavailable
 from kdgate.service.auth import check_bearer
 from kdgate.service.endpoints import JsonResponse
-from kdgate.service.errors import InvalidInput, ModelNotFound, NotReady
+from kdgate.service.errors import InvalidInput, ModelNotFound, NotReady, PayloadTooLarge
+from kdgate.service.inference import ClientDisconnected, read_body
 from kdgate.service.settings import Settings
 from kdgate.service.slo_runtime import SloRuntime
+
+log = logging.getLogger(__name__)
+
+# What the hook asks a client to wait when the outbox cannot take its alerts (seconds).
+RETRY_AFTER_SECONDS = 10
 
 
 def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:
     """The three routes, bound to one app's settings and SLO runtime."""
     api = APIRouter(tags=["monitoring"])
     default_model = settings.models[0].name
+    served = frozenset(m.name for m in settings.models)
 
     @api.get("/v1/slo")
     async def slo_status() -> JsonResponse:
@@ -65,29 +78,59 @@ def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:
         if token is None:
             raise HTTPException(404, "the Alertmanager hook is off: set admin.token")
         check_bearer(request.headers.get("authorization"), token)
-        outbox = await asyncio.to_thread(runtime.hook_outbox)
+        declared = request.headers.get("content-length")
         try:
-            payload = orjson.loads(await request.body())
+            body = await read_body(
+                request.receive,
+                settings.server.max_body_bytes,
+                None if declared is None else declared.encode("latin-1"),
+            )
+        except ClientDisconnected:
+            raise InvalidInput("the client went away before the body ended") from None
+        try:
+            payload = orjson.loads(body)
             if not isinstance(payload, dict):
                 raise ValueError("the body must be a JSON object")
-            requests = retrain_requests(payload)
+            batch = read_alerts(payload, served=served)
+        except TooManyAlerts as exc:
+            raise PayloadTooLarge(str(exc)) from None
         except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
             raise InvalidInput(f"not an Alertmanager v4 webhook body: {exc}") from None
+        for skipped in batch.skipped:
+            log.warning("Alertmanager alert %d skipped: %s", skipped.index, skipped.reason)
         queued = []
-        for item in requests:
-            entry = await asyncio.to_thread(
-                outbox.enqueue,
-                item.payload,
-                dedup_key=item.dedup_key,
-                model=item.model,
-                slo=item.slo,
+        try:
+            outbox = await asyncio.to_thread(runtime.hook_outbox)
+            for item in batch.requests:
+                entry = await asyncio.to_thread(
+                    outbox.enqueue,
+                    item.payload,
+                    dedup_key=item.dedup_key,
+                    model=item.model,
+                    slo=item.slo,
+                    entry_id=item.message_id,
+                )
+                if entry is not None:
+                    queued.append(entry)
+        except OutboxUnavailable as exc:
+            # 503, not 500: Alertmanager retries the whole group, and the alerts already queued
+            # are duplicates by their dedup key, so nothing is lost or sent twice.
+            log.error("Alertmanager hook: %s; answered 503", exc)
+            return JsonResponse(
+                {"error": f"the retrain outbox cannot take requests now: {exc}"},
+                status_code=503,
+                headers={"retry-after": str(RETRY_AFTER_SECONDS)},
             )
-            if entry is not None:
-                queued.append(entry)
-        if queued:
-            runtime.wake_notifier()
+        finally:
+            if queued:
+                runtime.wake_notifier()
         return JsonResponse(
-            {"queued": queued, "duplicates": len(requests) - len(queued)}, status_code=202
+            {
+                "queued": queued,
+                "duplicates": len(batch.requests) - len(queued),
+                "skipped": [dataclasses.asdict(s) for s in batch.skipped],
+            },
+            status_code=202,
         )
 
     return api

@@ -1,14 +1,20 @@
-"""GET /v1/slo and GET /v1/reports/drift on the default digits pair, in process."""
+"""GET /v1/slo, GET /v1/reports/drift and POST /v1/hooks/alertmanager on the default digits pair,
+in process."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from kdgate.monitoring.alertmanager import MAX_ALERTS
+from kdgate.monitoring.outbox import Outbox
 from kdgate.monitoring.slo import SLO_NAMES
 from kdgate.service.app import create_app
 from kdgate.service.settings import Settings, default_models_dir
@@ -65,3 +71,105 @@ async def test_served_inputs_reach_the_drift_buffer(digits: httpx.AsyncClient) -
     app.inference.flush()  # settle the journal now rather than JOURNAL_SECONDS later
     buffered = app.state.slo.buffers["digits"].snapshot()
     np.testing.assert_array_equal(buffered, np.concatenate([rows, rows[:1]]))
+
+
+# -- POST /v1/hooks/alertmanager --------------------------------------------------------------
+
+TOKEN = "hook-test-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def alert(**labels: Any) -> dict[str, Any]:
+    return {
+        "status": "firing",
+        "labels": {"alertname": "KdgateAgreementBudgetBurn", "model": "digits", "slo": "agreement",
+                   **labels},
+        "annotations": {"observed": "0.4", "objective": "0.95"},
+        "startsAt": "2026-02-03T04:05:06.789Z",
+        "fingerprint": "0123456789abcdef",
+    }  # fmt: skip
+
+
+@pytest.fixture
+async def hook(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
+    outbox = tmp_path / "state" / "outbox.sqlite3"
+    settings = Settings.model_validate(
+        {
+            "server": {"max_body_bytes": 64 * 1024},
+            "drift": {"enabled": False},
+            "admin": {"token": TOKEN, "state_dir": str(tmp_path / "admin")},
+            "webhook": {"outbox_path": str(outbox)},
+        }
+    )
+    async with running(create_app(settings, registry=CollectorRegistry())) as client:
+        yield client, outbox
+
+
+async def test_hook_refuses_malformed_alerts_with_400(
+    hook: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, _ = hook
+    listed = alert()
+    listed["labels"] = [["model", "digits"]]
+    numeric = alert(model=5)
+    for bad, where in [(listed, "alerts[0].labels"), (numeric, "alerts[0].labels.model")]:
+        answer = await client.post("/v1/hooks/alertmanager", json={"alerts": [bad]}, headers=AUTH)
+        assert answer.status_code == 400, answer.text
+        assert where in answer.json()["error"]
+
+
+async def test_hook_skips_a_model_not_served_here_and_says_so(
+    hook: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, outbox = hook
+    body = {"alerts": [alert(model="cats"), alert()]}
+    answer = await client.post("/v1/hooks/alertmanager", json=body, headers=AUTH)
+    assert answer.status_code == 202
+    assert len(answer.json()["queued"]) == 1
+    assert answer.json()["skipped"] == [{"index": 0, "reason": "model 'cats' is not served here"}]
+    assert [e.model for e in Outbox(outbox).entries()] == ["digits"]
+
+
+async def test_alerts_without_fingerprint_or_startsat_are_not_one_dedup_key(
+    hook: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, outbox = hook
+    first, second = alert(slo="agreement"), alert(slo="kl_mean")
+    for bare in (first, second):
+        del bare["fingerprint"], bare["startsAt"]
+    answer = await client.post("/v1/hooks/alertmanager", json={"alerts": [first]}, headers=AUTH)
+    assert len(answer.json()["queued"]) == 1
+    answer = await client.post("/v1/hooks/alertmanager", json={"alerts": [second]}, headers=AUTH)
+    assert len(answer.json()["queued"]) == 1, "a different alert was taken for a duplicate"
+    answer = await client.post("/v1/hooks/alertmanager", json={"alerts": [second]}, headers=AUTH)
+    assert answer.json()["duplicates"] == 1  # the same one again is still a duplicate
+    assert sorted(e.slo or "" for e in Outbox(outbox).entries()) == ["agreement", "kl_mean"]
+
+
+async def test_hook_bounds_alerts_and_bytes_per_body(
+    hook: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, outbox = hook
+    many = {"alerts": [{"status": "firing"}] * (MAX_ALERTS + 1)}
+    answer = await client.post("/v1/hooks/alertmanager", json=many, headers=AUTH)
+    assert answer.status_code == 413 and "max_alerts" in answer.json()["error"]
+    padded = {"alerts": [alert()], "padding": "x" * 65 * 1024}
+    answer = await client.post("/v1/hooks/alertmanager", json=padded, headers=AUTH)
+    assert answer.status_code == 413 and "limit" in answer.json()["error"]
+    assert not outbox.exists() or Outbox(outbox).entries() == []
+
+
+async def test_hook_answers_503_with_retry_after_while_the_outbox_is_unusable(
+    hook: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, outbox = hook
+    body = {"alerts": [alert()]}
+    assert (await client.post("/v1/hooks/alertmanager", json=body, headers=AUTH)).status_code == 202
+    shutil.rmtree(outbox.parent)
+    outbox.parent.write_text("a file where the outbox directory was")
+    answer = await client.post("/v1/hooks/alertmanager", json=body, headers=AUTH)
+    assert answer.status_code == 503
+    assert "outbox" in answer.json()["error"] and int(answer.headers["retry-after"]) > 0
+    outbox.parent.unlink()
+    answer = await client.post("/v1/hooks/alertmanager", json=body, headers=AUTH)
+    assert answer.status_code == 202 and len(answer.json()["queued"]) == 1  # a new file

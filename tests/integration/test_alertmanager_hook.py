@@ -96,7 +96,7 @@ def test_a_new_firing_of_the_same_alert_is_a_new_request_and_resolved_is_ignored
     resolved = copy.deepcopy(PAYLOAD)
     resolved["status"] = "resolved"
     resolved["alerts"][0].update(status="resolved", startsAt="2026-02-05T00:00:00Z")
-    assert post(gateway, resolved).json() == {"queued": [], "duplicates": 0}
+    assert post(gateway, resolved).json() == {"queued": [], "duplicates": 0, "skipped": []}
 
 
 @pytest.mark.parametrize(

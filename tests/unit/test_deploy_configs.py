@@ -3,6 +3,7 @@ generated from other files (PrometheusRule) are current."""
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import re
 from pathlib import Path
@@ -13,10 +14,11 @@ from kdgate.service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+SECRET = "whsec_" + base64.b64encode(b"a real secret for the test: 32 b").decode()
 
 
 def test_gateway_config_shadows_a_remote_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KDGATE_WEBHOOK__SECRET", "a-real-secret-for-the-test")
+    monkeypatch.setenv("KDGATE_WEBHOOK__SECRET", SECRET)
     settings = load_settings(DEPLOY / "gateway.yaml", environ={})
     (model,) = settings.models
     assert model.teacher is not None and model.teacher.url == "http://teacher:8001"
@@ -33,7 +35,7 @@ def test_gateway_config_needs_the_webhook_secret_from_the_environment() -> None:
 def test_teacher_config_serves_the_teacher_under_the_gateways_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("KDGATE_WEBHOOK__SECRET", "a-real-secret-for-the-test")
+    monkeypatch.setenv("KDGATE_WEBHOOK__SECRET", SECRET)
     teacher = load_settings(DEPLOY / "teacher.yaml", environ={})
     gateway = load_settings(DEPLOY / "gateway.yaml", environ={})
     (served,) = teacher.models

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
-from kdgate.monitoring.outbox import Outbox
+from kdgate.monitoring.outbox import Outbox, OutboxUnavailable
 
 
 class FakeClock:
@@ -110,3 +111,64 @@ def test_state_survives_a_new_outbox_on_the_same_file(tmp_path: Path, clock: Fak
     assert [(e.id, e.status, e.payload) for e in reopened.claim_due()] == [
         (entry_id, "pending", {"x": 1})
     ]
+
+
+# -- faults: a lost or damaged file is recreated, anything else is OutboxUnavailable ----------
+
+
+def _breach(outbox: Outbox, key: str) -> str | None:
+    return outbox.enqueue({"n": key}, dedup_key=key, model="digits")
+
+
+def _remove(outbox: Outbox) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        outbox.path.with_name(outbox.path.name + suffix).unlink(missing_ok=True)
+
+
+def test_a_deleted_file_is_recreated_and_logged(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert _breach(outbox, "before")
+    _remove(outbox)
+    entry = _breach(outbox, "after")
+    assert entry is not None and outbox.get(entry) is not None
+    assert [e.dedup_key for e in outbox.entries()] == ["after"]
+    assert "had disappeared" in caplog.text
+
+
+def test_a_deleted_directory_is_recreated(outbox: Outbox) -> None:
+    _breach(outbox, "before")
+    shutil.rmtree(outbox.path.parent)
+    assert _breach(outbox, "after")
+    assert outbox.claim_due()[0].dedup_key == "after"
+
+
+@pytest.mark.parametrize("damage", [b"this is not a database" * 100, b""])
+def test_a_corrupt_or_empty_file_is_moved_aside_and_replaced(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture, damage: bytes
+) -> None:
+    _breach(outbox, "before")
+    _remove(outbox)
+    outbox.path.write_bytes(damage)
+    assert _breach(outbox, "after")
+    assert [e.dedup_key for e in outbox.entries()] == ["after"]
+    if damage:
+        (aside,) = outbox.path.parent.glob("outbox.sqlite3.corrupt-*")
+        assert aside.read_bytes() == damage  # kept for a post-mortem, not deleted
+        assert "is corrupt" in caplog.text
+    else:
+        assert "no outbox table" in caplog.text
+
+
+def test_an_unusable_location_raises_outbox_unavailable_until_it_is_fixed(
+    outbox: Outbox,
+) -> None:
+    _breach(outbox, "before")
+    shutil.rmtree(outbox.path.parent)
+    outbox.path.parent.write_text("a file where the directory should be")
+    with pytest.raises(OutboxUnavailable, match=str(outbox.path)):
+        _breach(outbox, "during")
+    with pytest.raises(OutboxUnavailable):
+        outbox.claim_due()
+    outbox.path.parent.unlink()
+    assert _breach(outbox, "during")

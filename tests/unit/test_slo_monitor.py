@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
+from kdgate.monitoring.outbox import Outbox
 from kdgate.monitoring.slo import Breach, SloConfig, objectives_for
 from kdgate.monitoring.slo_monitor import Monitor, histogram_quantile
 
@@ -271,3 +275,44 @@ async def test_run_calls_back_in_a_thread_and_stops() -> None:
     assert (model, breach["slo"]) == ("digits", "agreement")
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.anyio
+async def test_a_breach_the_outbox_cannot_store_stays_pending_until_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    config = SloConfig(
+        window_seconds=60, min_samples=10, consecutive_breaches=1, evaluate_every_seconds=0.01
+    )
+    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3")
+
+    def enqueue(model: str, breach: Breach) -> None:
+        outbox.enqueue_breach(model, breach["slo"], dict(breach), cooldown_seconds=3600)
+
+    monitor = Monitor({"digits": objectives_for({}, config)}, config, metrics, on_breach=enqueue)
+    metrics.fidelity_samples.labels("digits", "1").inc(100)
+    metrics.fidelity_agreements.labels("digits", "1").inc(10)
+    # The outbox's directory is gone and a file sits where it was: nothing can be written.
+    shutil.rmtree(outbox.path.parent)
+    outbox.path.parent.write_text("not a directory")
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop))
+    try:
+        deadline = time.monotonic() + 10
+        while caplog.text.count("stays pending") < 3:  # logged, retried at each evaluation
+            assert time.monotonic() < deadline, "the failed enqueue was not logged and retried"
+            assert not task.done(), "the monitor task died"
+            await asyncio.sleep(0.01)
+        assert {(r["slo"], r["status"]) for r in monitor.status()} >= {("agreement", "breached")}
+        outbox.path.parent.unlink()  # the disk is usable again
+        while not (tmp_path / "state" / "outbox.sqlite3").exists() or not outbox.entries():
+            assert time.monotonic() < deadline, "the pending breach was never stored"
+            assert not task.done(), "the monitor task died"
+            await asyncio.sleep(0.01)
+        (entry,) = outbox.entries()
+        assert (entry.model, entry.slo) == ("digits", "agreement")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert len(outbox.entries()) == 1  # stored once, not once per evaluation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_tap_buffers_matching_matrices_only() -> None:
 def test_webhook_secret_from_the_environment_is_never_shown(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    secret = "s3cr3t-from-the-environment"
+    secret = "whsec_" + base64.b64encode(b"s3cr3t from the environment, 32").decode()
     monkeypatch.setenv("KDGATE_WEBHOOK__URL", "http://127.0.0.1:9/hook")
     monkeypatch.setenv("KDGATE_WEBHOOK__SECRET", secret)
     settings = load_settings(environ={})

@@ -3,6 +3,7 @@ import contextvars
 import json
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -11,12 +12,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from kdgate.monitoring.deadline import DeadlineTransport, total_deadline
 from kdgate.monitoring.teacher import (
     LocalOnnxTeacher,
     RemoteOipTeacher,
     TeacherError,
     checked_logits,
 )
+from tests.support.trickling_teacher import TricklingTeacher
 
 RNG = np.random.default_rng(0)
 W = RNG.normal(size=(64, 10)).astype(np.float32)
@@ -237,3 +240,72 @@ def test_remote_teacher_transport_errors_and_timeout_are_teacher_errors() -> Non
 def test_checked_logits_rejects_non_finite() -> None:
     with pytest.raises(TeacherError, match="non-finite"):
         checked_logits(np.array([[np.nan, 0.0]]), 1)
+
+
+# -- a remote teacher that trickles its answer: a real server on 127.0.0.1 ---------------------
+
+
+@pytest.fixture
+def trickling() -> Iterator[TricklingTeacher]:
+    with TricklingTeacher() as server:
+        yield server
+
+
+@pytest.mark.parametrize("mode", ["headers", "body"])
+def test_a_trickling_teacher_is_cut_at_the_total_deadline_and_resumes_when_it_recovers(
+    trickling: TricklingTeacher, mode: str
+) -> None:
+    batch = np.zeros((3, 4), np.float32)
+
+    async def main() -> None:
+        with httpx.Client(transport=DeadlineTransport()) as client:
+            teacher = RemoteOipTeacher(client, url=trickling.url, model="m", timeout_seconds=0.6)
+            try:
+                assert (await teacher.infer(batch)).shape == (3, 2)
+                trickling.mode = mode
+                started = time.monotonic()
+                with pytest.raises(TeacherError, match="Timeout"):
+                    # Each byte comes well within the 0.6 s per-read timeout: only a total
+                    # deadline ends this call. The outer bound keeps a regression from hanging.
+                    await asyncio.wait_for(teacher.infer(batch), 10)
+                assert 0.5 < time.monotonic() - started < 1.5
+                trickling.mode = "ok"  # the teacher recovers: the very next call goes through
+                started = time.monotonic()
+                assert (await asyncio.wait_for(teacher.infer(batch), 10)).shape == (3, 2)
+                assert time.monotonic() - started < 1.0
+            finally:
+                await teacher.aclose()
+
+    asyncio.run(main())
+
+
+def test_closing_a_teacher_during_an_endless_trickle_takes_at_most_one_timeout(
+    trickling: TricklingTeacher,
+) -> None:
+    trickling.mode = "body"
+
+    async def main() -> float:
+        with httpx.Client(transport=DeadlineTransport()) as client:
+            teacher = RemoteOipTeacher(client, url=trickling.url, model="m", timeout_seconds=0.8)
+            call = asyncio.ensure_future(teacher.infer(np.zeros((1, 4), np.float32)))
+            await asyncio.sleep(0.2)  # the call is in the middle of the trickle
+            started = time.monotonic()
+            await asyncio.wait_for(teacher.aclose(), 10)
+            closed = time.monotonic() - started
+            with pytest.raises(TeacherError):
+                await call
+            return closed
+
+    assert asyncio.run(main()) < 1.5  # the call ends at its deadline, 0.6 s after the close
+
+
+def test_the_deadline_transport_is_httpx_without_a_deadline(trickling: TricklingTeacher) -> None:
+    with httpx.Client(transport=DeadlineTransport()) as client:
+        body = {"inputs": [{"shape": [2, 4]}]}
+        answer = client.post(trickling.url + "/v2/models/m/infer", json=body)
+        assert answer.status_code == 200 and answer.json()["outputs"][0]["shape"] == [2, 2]
+        trickling.mode = "headers"
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout), total_deadline(0.3):
+            client.post(trickling.url + "/v2/models/m/infer", json=body, timeout=5)
+        assert time.monotonic() - started < 1.0

@@ -8,14 +8,17 @@ import hmac
 import json
 import logging
 import random
+import shutil
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+import standardwebhooks
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -28,6 +31,7 @@ from kdgate.monitoring.webhook import (
     backoff_seconds,
     retrain_payload,
     sign,
+    signed_headers,
     signing_key,
     verify,
 )
@@ -53,10 +57,55 @@ def test_signature_matches_the_standard_webhooks_test_vector() -> None:
     assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
-def test_raw_secret_uses_its_utf8_bytes() -> None:
-    expected = hmac.new(b"plain secret", b"msg_1.10.{}", hashlib.sha256).digest()
-    assert sign("plain secret", "msg_1", 10, b"{}") == "v1," + base64.b64encode(expected).decode()
-    assert signing_key("whsec_" + base64.b64encode(b"\x00\xff").decode()) == b"\x00\xff"
+def test_the_key_is_the_base64_after_the_prefix() -> None:
+    key = bytes(range(256))[-32:]
+    expected = hmac.new(key, b"msg_1.10.{}", hashlib.sha256).digest()
+    secret = "whsec_" + base64.b64encode(key).decode()
+    assert sign(secret, "msg_1", 10, b"{}") == "v1," + base64.b64encode(expected).decode()
+    assert signing_key(secret.rstrip("=")) == key  # padding is optional, as in the libraries
+
+
+def _library_verifies(secret: str, msg_id: str, body: bytes) -> bool:
+    headers = signed_headers(secret, msg_id, body, int(time.time()))
+    try:
+        standardwebhooks.Webhook(secret).verify(body, headers, json_parse=False)
+    except standardwebhooks.WebhookVerificationError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("size", [24, 32, 33, 64])
+@pytest.mark.parametrize("padded", [True, False])
+def test_the_official_library_verifies_every_accepted_secret_form(size: int, padded: bool) -> None:
+    rng = random.Random(size)
+    for _ in range(20):
+        encoded = base64.b64encode(rng.randbytes(size)).decode()
+        secret = "whsec_" + (encoded if padded else encoded.rstrip("="))
+        WebhookConfig(url="http://127.0.0.1:1/", secret=secret)  # accepted
+        body = json.dumps({"n": rng.random(), "text": "\u00e9\u4e2d"}, ensure_ascii=False).encode()
+        assert _library_verifies(secret, f"msg_{rng.getrandbits(64):x}", body)
+        # ... and kdgate's verify accepts what the library signs with the same string.
+        now = 1_700_000_000
+        library = standardwebhooks.Webhook(secret).sign(
+            "msg_1", datetime.fromtimestamp(now, UTC), body
+        )
+        headers = {"webhook-id": "msg_1", "webhook-timestamp": str(now)}
+        assert verify(secret, {**headers, "webhook-signature": library}, body, now=now)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "0f" * 32,  # openssl rand -hex 32, the form the deploy files used to suggest
+        "a-real-secret-for-the-test",
+        base64.b64encode(bytes(32)).decode(),  # base64 without the prefix
+        "whsec_" + base64.urlsafe_b64encode(b"\xfb\xff" * 16).decode(),  # not standard base64
+        "whsec_" + base64.b64encode(b"sixteen byte key").decode(),  # too short
+    ],
+)
+def test_a_secret_the_standard_cannot_express_is_refused_with_how_to_make_one(secret: str) -> None:
+    with pytest.raises(ValidationError, match=r"openssl rand -base64 32"):
+        WebhookConfig(url="http://127.0.0.1:1/", secret=secret)
 
 
 def test_verify() -> None:
@@ -68,7 +117,7 @@ def test_verify() -> None:
     }
     assert verify(SECRET, headers, body, now=now)
     assert not verify(SECRET, headers, body + b" ", now=now)
-    assert not verify("whsec_" + base64.b64encode(b"other").decode(), headers, body, now=now)
+    assert not verify("whsec_" + base64.b64encode(b"o" * 32).decode(), headers, body, now=now)
     assert not verify(SECRET, headers, body, now=now + 301)  # replayed too late
     assert not verify(SECRET, {**headers, "webhook-id": "msg_2"}, body, now=now)
     assert not verify(SECRET, {"webhook-id": "msg_1"}, body, now=now)
@@ -279,6 +328,37 @@ async def test_run_loop_delivers_after_wake_and_stops_on_cancel(
         await asyncio.to_thread(outbox.enqueue, {}, dedup_key="k", model="digits")
         notifier.wake()
         assert await asyncio.to_thread(receiver.received.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(receiver.requests) == 1
+
+
+async def test_run_loop_survives_an_unusable_outbox_with_bounded_backoff(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    metrics = Metrics(CollectorRegistry())
+    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3")
+    config = WebhookConfig(url=receiver.url, secret=SECRET, poll_seconds=0.01)
+    shutil.rmtree(outbox.path.parent)
+    outbox.path.parent.write_text("a file where the outbox directory was")
+    async with httpx.AsyncClient() as client:
+        task = asyncio.create_task(Notifier(outbox, client, config, metrics).run())
+        await asyncio.sleep(1.5)
+        assert not task.done()
+        failures = [r for r in caplog.records if "delivery round failed" in r.getMessage()]
+        # Doubling from 10 ms: about 7 rounds in 1.5 s, not 150; one traceback, then one line.
+        assert 3 <= len(failures) <= 10
+        assert [bool(r.exc_info) for r in failures].count(True) == 1
+        outbox.path.parent.unlink()  # repaired: the next round recreates the outbox
+        await asyncio.to_thread(outbox.enqueue, {}, dedup_key="k", model="digits")
+        assert await asyncio.to_thread(receiver.received.wait, 5)
+        deadline = time.monotonic() + 5
+        while "works again" not in caplog.text:
+            assert time.monotonic() < deadline, "the recovery was not logged"
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
