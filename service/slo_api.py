@@ -28,7 +28,7 @@ from kdgate.monitoring.outbox import OutboxUnavailable
 from kdgate.service.auth import check_bearer
 from kdgate.service.endpoints import JsonResponse
 from kdgate.service.errors import InvalidInput, ModelNotFound, NotReady, PayloadTooLarge
-from kdgate.service.inference import ClientDisconnected, read_body
+from kdgate.service.inference import BodyDeadline, ClientDisconnected, read_body
 from kdgate.service.settings import Settings
 from kdgate.service.slo_runtime import SloRuntime
 
@@ -71,6 +71,8 @@ def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:
             )
         return Response(html, media_type="text/html; charset=utf-8")
 
+    body_deadline = BodyDeadline(settings.server.body_timeout_seconds)
+
     @api.post("/v1/hooks/alertmanager")
     async def alertmanager_hook(request: Request) -> JsonResponse:
         """Queue one retrain request per new firing alert (fingerprint + startsAt)."""
@@ -84,6 +86,7 @@ def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:
                 request.receive,
                 settings.server.max_body_bytes,
                 None if declared is None else declared.encode("latin-1"),
+                body_deadline,
             )
         except ClientDisconnected:
             raise InvalidInput("the client went away before the body ended") from None
