@@ -67,7 +67,7 @@ class Monitor:
         self._objectives = {model: list(objs) for model, objs in objectives.items()}
         self._config = config
         self._metrics = metrics
-        self._window = window
+        self.window = window
         self._on_breach = on_breach
         self._states = {(m, o.slo): _State() for m, objs in self._objectives.items() for o in objs}
         # Every SLO has a series from the start (0 = not breached), so a dashboard shows the
@@ -77,7 +77,7 @@ class Monitor:
 
     def _observed(self, model: str, slo: SloName, f: Figures) -> tuple[float, int]:
         if slo == "drift_share":
-            drift = self._window.drift(model)
+            drift = self.window.drift(model)
             return (math.nan, 0) if drift is None else (drift.share, drift.rows)
         value, samples = {
             "agreement": (f.agreement, f.samples),
@@ -96,7 +96,7 @@ class Monitor:
         k = self._config.consecutive_breaches
         new: list[tuple[str, Breach]] = []
         for model, objectives in self._objectives.items():
-            figures = self._window.figures(model)
+            figures = self.window.figures(model)
             for objective in objectives:
                 state = self._states[(model, objective.slo)]
                 state.observed, state.samples = self._observed(model, objective.slo, figures)
@@ -141,7 +141,7 @@ class Monitor:
         """
         rows = []
         for model, objectives in self._objectives.items():
-            figures = self._window.figures(model)
+            figures = self.window.figures(model)
             for o in objectives:
                 state = self._states[(model, o.slo)]
                 observed, samples = self._observed(model, o.slo, figures)

@@ -1,4 +1,4 @@
-"""service/slo_runtime.py: objectives per model, the drift reference, the request-path tap."""
+"""service/monitoring_runtime.py: objectives per model, the drift reference, the request-path tap."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from kdgate.monitoring.drift import InputBuffer
 from kdgate.monitoring.slo import SloConfig, objectives_for
 from kdgate.service.settings import Settings, default_models_dir, load_settings
-from kdgate.service.slo_runtime import _tap, loosest, model_objectives, reference_path
+from kdgate.service.monitoring_runtime import input_tap, loosest, model_objectives, reference_path
 
 
 def test_default_pair_keeps_every_default_objective() -> None:
@@ -38,7 +38,7 @@ def test_reference_is_beside_the_first_students_card() -> None:
 
 def test_tap_buffers_matching_matrices_only() -> None:
     buffer = InputBuffer(8, 4)
-    tap = _tap(buffer, 4)
+    tap = input_tap(buffer, 4)
     tap(
         [
             {"input": np.ones((3, 4), np.float32)},
