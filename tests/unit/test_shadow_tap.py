@@ -1,4 +1,5 @@
-"""ModelShadow (service/shadow_tap.py), the request-log hook: deterministic sampling, non-blocking drops, feedback kept."""
+"""ModelShadow (service/shadow_tap.py): deterministic sampling, non-blocking drops, feedback
+kept."""
 
 from __future__ import annotations
 
