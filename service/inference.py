@@ -83,7 +83,7 @@ class Reply:
 
     def after(self) -> None:
         """Log the answered request (its latency ends now)."""
-        self.log.record(Served(*self.served, perf_counter()))
+        self.log.record(Served._make((*self.served, perf_counter())))  # _make: no Python frame
 
 
 async def read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 LINKS = {"slo": "/v1/slo", "drift_report": "/v1/reports/drift"}
 Arrays = Mapping[str, np.ndarray[Any, Any]]
 InputTap = Callable[[Sequence[Arrays]], None]
+_MODEL = attrgetter("model")
+_INPUTS = attrgetter("inputs")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -225,18 +228,24 @@ class MonitoringRuntime:
     def consume(self, rows: Sequence[Served]) -> None:
         """Successful requests of a settled batch -> drift buffers, shadow and feedback."""
         models = self.models
-        by_model: dict[str, list[Served]] = {}
-        for row in rows:
-            if row.outputs is not None and row.model in models:
+        ok = [row for row in rows if row.outputs is not None]  # outputs: a 200 from a variant
+        names = set(map(_MODEL, ok))
+        if len(names) == 1:  # the usual batch: one model
+            by_model = {names.pop(): ok}
+        else:
+            by_model = {}
+            for row in ok:
                 by_model.setdefault(row.model, []).append(row)
-        for name, ok in by_model.items():
-            monitoring = models[name]
+        for name, answered in by_model.items():
+            monitoring = models.get(name)
+            if monitoring is None:
+                continue
             if monitoring.tap is not None:
-                monitoring.tap([row.inputs for row in ok])
+                monitoring.tap(list(map(_INPUTS, answered)))
             observations: list[Observation] = [
-                (row.request_id, row.variant.version, row.inputs, row.outputs, row.trace)
-                for row in ok
-                if row.variant is not None and row.outputs is not None
+                (request_id, variant.version, inputs, outputs, trace)
+                for _, _, variant, _, _, request_id, inputs, outputs, trace, _ in answered
+                if variant is not None and outputs is not None  # always so with outputs
             ]
             monitoring.shadow.observe_many(observations)
 
