@@ -58,9 +58,7 @@ class _FidelityChildren:
 class FidelityRecorder:
     """Records the fidelity of model `model` (all its versions) on `metrics`."""
 
-    def __init__(
-        self, metrics: Metrics, model: str, *, window: RecentWindow | None = None
-    ) -> None:
+    def __init__(self, metrics: Metrics, model: str, *, window: RecentWindow | None = None) -> None:
         self.metrics = metrics
         self.model = model
         self.window = window

@@ -499,4 +499,3 @@ def _local_teacher(model: str, teacher: TeacherSettings, student: ModelCard) -> 
         output_name=card.outputs[0].name,
         intra_op_threads=teacher.intra_op_threads,
     )
-

@@ -27,9 +27,7 @@ from kdgate.service.request_log import RequestLog
 from kdgate.service.settings import Settings
 
 
-def build_slo_router(
-    settings: Settings, runtime: MonitoringRuntime, log: RequestLog
-) -> APIRouter:
+def build_slo_router(settings: Settings, runtime: MonitoringRuntime, log: RequestLog) -> APIRouter:
     """The three routes, bound to one app's settings and monitoring runtime."""
     api = APIRouter(tags=["monitoring"])
     default_model = settings.models[0].name

@@ -123,9 +123,7 @@ class Tracing:
         self.tracer = provider.get_tracer("kdgate", package_version())
 
     @contextmanager
-    def _request(
-        self, model: str, protocol: str, headers: RawHeaders
-    ) -> Iterator[RequestSpan]:
+    def _request(self, model: str, protocol: str, headers: RawHeaders) -> Iterator[RequestSpan]:
         with self.tracer.start_as_current_span(
             "kdgate.infer",
             context=propagate.extract(headers, getter=_GETTER),

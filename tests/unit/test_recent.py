@@ -51,9 +51,7 @@ def test_summary_matches_an_independent_computation_and_forgets_old_data() -> No
     summary = window.figures("digits")
     assert summary.samples == 120
     assert summary.agreement == pytest.approx(np.mean(s.argmax(1) == t.argmax(1)))
-    assert summary.mean_kl == pytest.approx(
-        entropy(_probs(t), _probs(s), axis=1).mean(), rel=1e-9
-    )
+    assert summary.mean_kl == pytest.approx(entropy(_probs(t), _probs(s), axis=1).mean(), rel=1e-9)
     assert summary.ece_teacher == pytest.approx(
         fidelity.ece(fidelity.calibration_against(s, t.argmax(1)))
     )
