@@ -1,7 +1,7 @@
 """The request log: every answered inference request, settled in bulk into its consumers.
 
     log = RequestLog(consumers=[request_metrics, monitoring])   # built once, in create_app
-    reply.after()  ->  log.record(Served(...))                  # per request: one append
+    reply.after()  ->  log.record((protocol, model, ...))       # per request: one append
     log.settle()                                                # the read barrier, any thread
 
 The request path only appends a `Served` row; the log settles its rows into the consumers every
@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -71,9 +71,10 @@ class RequestLog:
         self._on_loop = tuple(c for c in consumers if not c.any_thread)
         self._max_rows = rows
         self._seconds = seconds
-        # deque: append (event loop) and popleft (any thread) are atomic, so recording takes no
-        # lock; `_lock` orders the settlers among themselves.
-        self._rows: deque[Served] = deque()
+        # Never replaced, only appended to (event loop) and cut from the front (`_take`, any
+        # thread): each is one atomic list operation, so recording takes no lock and no row
+        # appended meanwhile is lost. `_lock` orders the settlers among themselves.
+        self._rows: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
         self._for_loop: list[Served] = []  # settled for `_anywhere`, not yet for `_on_loop`
         self._timer: asyncio.TimerHandle | None = None
@@ -84,8 +85,10 @@ class RequestLog:
         """Requests answered and not settled yet."""
         return len(self._rows)
 
-    def record(self, served: Served) -> None:
-        """Log an answered request; settle when `rows` wait, else within `seconds`."""
+    def record(self, served: tuple[Any, ...]) -> None:
+        """Log an answered request: the fields of its `Served` row, in order (a plain tuple:
+        making the NamedTuple costs ~1 us a row one at a time, ~0.3 us in bulk at settle);
+        settle when `rows` wait, else within `seconds`."""
         rows = self._rows
         rows.append(served)
         if len(rows) >= self._max_rows:
@@ -123,7 +126,13 @@ class RequestLog:
 
     def _take(self) -> list[Served]:
         rows = self._rows
-        return [rows.popleft() for _ in range(len(rows))]
+        taken = rows[: len(rows)]
+        del rows[: len(taken)]
+        return list(map(_as_served, taken))
+
+
+# tuple.__new__ with the class: a Served without running its Python-level __new__.
+_as_served = partial(tuple.__new__, Served)
 
 
 def _deliver(consumers: Sequence[Consumer], rows: list[Served]) -> None:
