@@ -15,13 +15,12 @@ labelled predictions (feedback API) become Prometheus counters:
 Label children are bound once per (version, reference) and cached, so a batch costs O(rows + bins)
 counter operations and no label lookups; `bind(version)` creates a version's series up front so
 they are exported at 0 before the first sample (and `increase()` sees the first one).
-If a `FidelityWindow` is given, the same figures also go to it for `GET /v1/fidelity`.
+If a `RecentWindow` is given, the same figures also go to it (`GET /v1/fidelity`, `/v1/slo`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -34,12 +33,10 @@ from kdgate.monitoring.fidelity import (
     calibration_against,
     compare,
 )
-from kdgate.monitoring.metrics import BulkHistogram, Metrics
+from kdgate.monitoring.metrics import HistogramSeries, Metrics
+from kdgate.monitoring.recent import TEACHER_VERSION, RecentWindow
 
-if TYPE_CHECKING:
-    from kdgate.monitoring.fidelity_window import FidelityWindow
-
-TEACHER_VERSION = "teacher"
+__all__ = ["TEACHER_VERSION", "FidelityRecorder"]
 REFERENCES = ("teacher", "label")
 BIN_LABELS = tuple(str(b) for b in range(CALIBRATION_BINS))
 
@@ -55,15 +52,13 @@ class _CalibrationChildren:
 class _FidelityChildren:
     samples: Counter
     agreements: Counter
-    kl: BulkHistogram
+    kl: HistogramSeries
 
 
 class FidelityRecorder:
     """Records the fidelity of model `model` (all its versions) on `metrics`."""
 
-    def __init__(
-        self, metrics: Metrics, model: str, *, window: FidelityWindow | None = None
-    ) -> None:
+    def __init__(self, metrics: Metrics, model: str, *, window: RecentWindow | None = None) -> None:
         self.metrics = metrics
         self.model = model
         self.window = window
@@ -87,7 +82,7 @@ class FidelityRecorder:
         children.kl.observe_many(result.kl)
         self._add_calibration(version, "teacher", result.calibration)
         if self.window is not None:
-            self.window.add_comparison(version, result)
+            self.window.add_comparison(self.model, version, result)
         return result
 
     def record_labels(self, version: str, logits: ArrayLike, labels: ArrayLike) -> Calibration:
@@ -95,7 +90,7 @@ class FidelityRecorder:
         cal = calibration_against(logits, labels)
         self._add_calibration(version, "label", cal)
         if self.window is not None:
-            self.window.add_labels(version, cal)
+            self.window.add_labels(self.model, version, cal)
         return cal
 
     def _add_calibration(self, version: str, reference: str, cal: Calibration) -> None:

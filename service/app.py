@@ -31,6 +31,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from kdgate.monitoring.metrics import Metrics
 from kdgate.monitoring.process_metrics import register_process_metrics
+from kdgate.monitoring.recent import RecentWindow
 from kdgate.service import schemas
 from kdgate.service.admin import build_admin_router
 from kdgate.service.endpoints import JsonResponse, build_router
@@ -43,17 +44,20 @@ from kdgate.service.inference import (
     REQUEST_ID,
     ClientDisconnected,
     Inference,
+    TracedInference,
     new_request_id,
 )
 from kdgate.service.listeners import PortSplit
 from kdgate.service.logs import SCOPE_REQUEST_ID, bind_request, unbind_request
+from kdgate.service.monitoring_runtime import MonitoringRuntime
 from kdgate.service.overload import Guard
 from kdgate.service.protocol_v2 import valid_request_id
+from kdgate.service.request_log import RequestLog
+from kdgate.service.request_metrics import RequestMetrics
 from kdgate.service.settings import Settings
-from kdgate.service.shadowing import Shadowing
 from kdgate.service.slo_api import build_slo_router
-from kdgate.service.slo_runtime import SloRuntime
-from kdgate.service.state import ServingState, StudentLoader, load_student
+from kdgate.service.state import ServingState, StudentLoader, VariantFactory, load_student
+from kdgate.service.tracer import tracer_from
 from kdgate.service.traffic import TrafficControl
 from kdgate.service.traffic_store import TrafficStore
 
@@ -64,10 +68,12 @@ if TYPE_CHECKING:
 class KdgateApp(FastAPI):
     """FastAPI with the inference fast path in front of its middleware and router."""
 
-    def __init__(self, state: ServingState, *, fast_path: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, state: ServingState, inference: Inference, *, fast_path: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.serving = state
-        self.inference = Inference(state)
+        self.inference = inference
         self.fast_path = fast_path
         server = state.settings.server
         self.guard = Guard(
@@ -177,41 +183,61 @@ def create_app(
     settings into a session (tests inject slow or failing ones); `fast_path=False` serves the
     infer endpoints through the FastAPI routes instead (same handler; for tests and benchmarks);
     `tracer_provider` turns tracing on with that provider (else only `OTEL_*` variables do).
+
+    Built here, each given its collaborators: the request log with its consumers (request
+    metrics, the monitoring runtime), the one recent window they and the SLO monitor share, the
+    tracer (a no-op unless configured) and the one factory every student version is built by.
     """
     store = TrafficStore(settings.admin.state_dir)
     settings = store.restore(settings)  # what /admin changed wins over the file (logged)
-    state = ServingState(settings, Metrics(registry or CollectorRegistry()))
-    register_process_metrics(state.metrics.registry)
-    traffic = TrafficControl(state, student_loader, store)
-    slo = SloRuntime(settings, state.metrics)
+    registry = registry or CollectorRegistry()
+    metrics = Metrics(registry)
+    register_process_metrics(registry)
+    state = ServingState(settings, metrics)
+    tracer = tracer_from(tracer_provider, os.environ)
+    # One window feeds GET /v1/fidelity, GET /v1/slo and the SLO monitor (monitoring/recent.py).
+    slo = settings.slo
+    window = RecentWindow(
+        window_seconds=slo.window_seconds, bucket_seconds=slo.window_seconds / slo.window_buckets
+    )
+    request_metrics = RequestMetrics(state.versions, window=window)
+    runtime = MonitoringRuntime(settings, state, metrics, window=window, tracer=tracer)
+    log = RequestLog(consumers=[request_metrics, runtime])
+    # A collect of the request families first settles the requests answered so far.
+    registry.register(request_metrics.export(before=log.settle))
+    build = VariantFactory(
+        settings.server,
+        loader=student_loader,
+        tracer=tracer,
+        request_metrics=request_metrics,
+        metrics=metrics,
+    )
+    traffic = TrafficControl(state, build, store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Reading files and building sessions blocks for a while: keep the loop free.
-        await asyncio.to_thread(state.load, student_loader)
+        await asyncio.to_thread(state.load, build)
         traffic.publish()
-        await shadowing.start()
-        await slo.start()
-        app.inference.input_taps = slo.input_taps
+        await runtime.start()
         try:
             yield
         finally:
             state.ready = False
-            app.inference.flush()  # the last requests' bookkeeping, while its sinks still run
-            await slo.stop()
-            await shadowing.stop()
+            log.settle()  # the last requests' bookkeeping, while its consumers still run
+            await runtime.stop()
+            await tracer.aclose()
 
+    inference = (TracedInference if tracer.enabled else Inference)(state, log, tracer)
     app = KdgateApp(
         state,
+        inference,
         fast_path=fast_path,
         title="kdgate",
         summary="Open Inference Protocol V2 and KServe V1 serving for distilled students",
         lifespan=lifespan,
         redirect_slashes=False,  # `.../infer/` is 404, as on Triton; not a 307 to `.../infer`
     )
-    shadowing = Shadowing(state, app.inference, tracer_provider=tracer_provider)
-    # A scrape (or any read of the registry) first settles the requests answered so far.
-    state.metrics.before_collect.append(app.inference.flush_from_any_thread)
     # X-Forwarded-For/-Proto from trusted proxies (uvicorn's rule and FORWARDED_ALLOW_IPS) for
     # the framework routes, whose admin audit lines name the client; `kdgate serve` turns
     # uvicorn's own copy off, which ran it on every inference request too (~2 % of their CPU).
@@ -223,8 +249,9 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(build_router(state, app.inference))
-    app.include_router(build_fidelity_router(shadowing))
-    app.include_router(build_slo_router(settings, slo))
-    app.state.slo = slo
+    app.include_router(build_fidelity_router(state, runtime, log))
+    app.include_router(build_slo_router(settings, runtime, log))
+    app.state.monitoring = runtime
+    app.state.request_log = log
     app.include_router(build_admin_router(settings, traffic))
     return app

@@ -78,7 +78,7 @@ def config_check(args: argparse.Namespace) -> int:
 def rules(argv: list[str]) -> int:
     """`kdgate rules [--config FILE] [--out DIR | --stdout]`: Prometheus rules from `slo:`."""
     from kdgate.monitoring.rules import main_rules
-    from kdgate.service.slo_runtime import model_objectives
+    from kdgate.service.monitoring_runtime import model_objectives
 
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", type=Path)

@@ -4,22 +4,27 @@
     GET  /v1/fidelity[?model=m]    per model: agreement, mean KL, ECE vs teacher and vs labels,
                                    label accuracy of student and teacher, samples, P95 latency
 
-Both read the running `Shadowing` (service/shadowing.py); neither is on the inference hot path.
+Both read the app's `MonitoringRuntime` (service/monitoring_runtime.py); the fidelity figures
+come from its recent window, the one `GET /v1/slo` reads. Neither is on the inference hot path.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 
+from kdgate.monitoring.recent import Figures
 from kdgate.service.endpoints import JsonResponse
 from kdgate.service.errors import InvalidInput, NotReady
-from kdgate.service.inference import read_body
-from kdgate.service.shadowing import ModelMonitoring, Shadowing
+from kdgate.service.inference import BodyDeadline, read_body
+from kdgate.service.monitoring_runtime import ModelMonitoring, MonitoringRuntime
+from kdgate.service.request_log import RequestLog
+from kdgate.service.state import ServingState
 
 _FEEDBACK_BODY = {
     "requestBody": {
@@ -49,14 +54,16 @@ _JOIN_ITEMS = 2048  # labels joined at once: ~5 ms of the event loop here
 _NOT_A_LIST = 'expected a JSON array of {"id": "<request id>", "label": <class>} objects'
 
 
-def build_fidelity_router(shadowing: Shadowing) -> APIRouter:
-    """The feedback and fidelity routes, bound to one app's shadowing."""
+def build_fidelity_router(
+    state: ServingState, runtime: MonitoringRuntime, log: RequestLog
+) -> APIRouter:
+    """The feedback and fidelity routes, bound to one app's monitoring runtime."""
     api = APIRouter()
-    state = shadowing.state
+    body_deadline = BodyDeadline(state.settings.server.body_timeout_seconds)
 
     def running(model: str) -> ModelMonitoring:
         state.check_version(model, None)
-        monitoring = shadowing.model(model)
+        monitoring = runtime.model(model)
         if monitoring is None:
             raise NotReady(f"model {model!r} is loading; retry when /v2/health/ready says ready")
         return monitoring
@@ -70,10 +77,10 @@ def build_fidelity_router(shadowing: Shadowing) -> APIRouter:
             request.receive,
             state.settings.server.max_body_bytes,
             request.headers.get("content-length", "").encode() or None,
-            shadowing.inference.body_deadline,
+            body_deadline,
         )
         items = await parse_feedback(body)
-        shadowing.inference.flush()  # every answered request is in the store before the join
+        log.settle()  # every answered request is in the store before the join
         # A few MB of labels take ~0.2 s to join here: in slices, letting requests run between.
         join = monitoring.feedback.apply_feedback
         answer = join(items[:_JOIN_ITEMS])
@@ -85,15 +92,17 @@ def build_fidelity_router(shadowing: Shadowing) -> APIRouter:
 
     @api.get("/v1/fidelity", tags=["monitoring"])
     async def fidelity(model: str | None = None) -> JsonResponse:
-        """Fidelity over the recent window (`shadow.window_seconds`); null where no samples."""
+        """Fidelity over the recent window (`slo.window_seconds`); null where no samples."""
         names = [model] if model is not None else list(state.versions)
-        for name in names:
-            running(name)
-        shadowing.latency.sample()
+        running_models = {name: running(name) for name in names}
+        log.settle()  # the latency of every answered request is in the window
         return JsonResponse(
             {
-                "window_seconds": state.settings.shadow.window_seconds,
-                "models": {name: _summary(shadowing, name) for name in names},
+                "window_seconds": runtime.window.window_seconds,
+                "models": {
+                    name: _summary(runtime, state, monitoring)
+                    for name, monitoring in running_models.items()
+                },
             }
         )
 
@@ -142,14 +151,14 @@ def _slices(body: bytes) -> Iterator[bytes]:
     yield b"".join((b"[" if start else b"", view[start:]))
 
 
-def _summary(shadowing: Shadowing, name: str) -> dict[str, Any]:
-    monitoring = shadowing.models[name]
-    summary = monitoring.window.summary()
-    summary.pop("window_seconds")
+def _summary(
+    runtime: MonitoringRuntime, state: ServingState, monitoring: ModelMonitoring
+) -> dict[str, Any]:
+    window = runtime.window
+    name = monitoring.name
     worker = monitoring.worker
     return {
-        **summary,
-        "p95_latency_seconds": shadowing.latency.p95(name),
+        **_figures(window.figures(name)),
         "shadow": {
             "fraction": monitoring.shadow.fraction if worker else 0.0,
             "teacher": f"{worker.teacher.name}:{worker.teacher.version}" if worker else None,
@@ -157,12 +166,12 @@ def _summary(shadowing: Shadowing, name: str) -> dict[str, Any]:
             "breaker": monitoring.breaker.state if monitoring.breaker else None,
         },
         "versions": {
-            version: _without_window(monitoring.window.summary(version))
-            for version in shadowing.state.versions[name]
+            version: _figures(window.figures(name, version)) for version in state.versions[name]
         },
     }
 
 
-def _without_window(summary: dict[str, Any]) -> dict[str, Any]:
-    summary.pop("window_seconds")
+def _figures(figures: Figures) -> dict[str, Any]:
+    summary = asdict(figures)
+    del summary["requests"]  # what P95 is over; the request counters say it better
     return summary

@@ -6,20 +6,14 @@ It returns a `Reply` (status, raw headers, body) instead of writing to a socket 
 fast path can send it with two ASGI messages and the FastAPI route can wrap it in a Response.
 
 The request's bookkeeping (metrics, drift tap, shadow and feedback) is `Reply.after`, which
-each front door calls once the response is sent. It only appends the request to a journal;
-`Inference.flush` settles the journal in bulk: every `JOURNAL_ROWS` requests, at most
-`JOURNAL_SECONDS` after the first unsettled one, and before anything reads the results (a
-Prometheus collect, the feedback API, shutdown). Measured here at c16 (docs/benchmarks.md), the
-same bookkeeping done request by request cost ~55 us of server CPU per request, ~13 us of it the
-work itself and the rest the caches it evicted from under the request path; in bulk, ~2 us.
+each front door calls once the response is sent: it appends one `Served` row to the app's
+request log (service/request_log.py), which settles rows into their consumers in bulk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections import Counter
 from collections.abc import (
     Awaitable,
     Callable,
@@ -30,7 +24,6 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from functools import partial
 from random import getrandbits
 from time import monotonic, perf_counter
 from typing import Any
@@ -43,26 +36,17 @@ from kdgate.service.errors import (
     RequestTimeout,
     error_body,
 )
+from kdgate.service.request_log import RequestLog
 from kdgate.service.routing import Variant
 from kdgate.service.state import ServingState
+from kdgate.service.tracer import NO_TRACER, Tracer
 
 log = logging.getLogger(__name__)
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 RawHeaders = list[tuple[bytes, bytes]]
-Arrays = Mapping[str, Any]
-# (request id, version, inputs, outputs) of a successful prediction.
-Observation = tuple[str, str, Arrays, Arrays]
-# A model's shadow + feedback hook: its successful predictions, oldest first.
-Observer = Callable[[Sequence[Observation]], None]
-# A model's drift hook: the inputs of its successful predictions, oldest first.
-InputTap = Callable[[Sequence[Arrays]], None]
-# (protocol, model, variant, status, started, request id, inputs, outputs or None): an answered
-# request (`started`: perf_counter at its start; outputs None: nothing to observe).
-Served = tuple[str, str, "Variant | None", int, float, str, Arrays, "Arrays | None"]
-
-JOURNAL_ROWS = 64  # settle the journal once it holds this many requests...
-JOURNAL_SECONDS = 0.01  # ...or this long after the first unsettled one
+# The fields of a `Served` row but the last, `answered` (known once the reply is sent).
+ServedSoFar = tuple[str, str, Variant | None, int, float, str, Mapping[str, Any], Any, Any]
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
@@ -102,16 +86,19 @@ class ClientDisconnected(Exception):
 class Reply:
     """An HTTP response ready to send: status, raw ASGI headers and body; then `after()`.
 
-    `after` journals the request for its bookkeeping (see the module doc). A front door calls
-    it right after sending the response. With tracing on, the shadow and feedback observer runs
-    before the reply instead: it links the shadow sample to the request's span, which is
-    current only until the reply (service/tracing.py).
+    `after()` logs the request for its bookkeeping (see the module doc). A front door calls it
+    right after sending the response.
     """
 
     status: int
     headers: RawHeaders
     body: bytes
-    after: Callable[[], None]
+    log: RequestLog
+    served: ServedSoFar
+
+    def after(self) -> None:
+        """Log the answered request (its latency ends now)."""
+        self.log.record(self.served + (perf_counter(),))  # noqa: RUF005  (concat: no list built)
 
 
 class BodyDeadline:
@@ -215,21 +202,15 @@ async def read_body(
 class Inference:
     """Serves `POST /v2/models/{m}[/versions/{v}]/infer` and `POST /v1/models/{m}:predict`."""
 
-    def __init__(self, state: ServingState) -> None:
+    def __init__(self, state: ServingState, log: RequestLog, tracer: Tracer = NO_TRACER) -> None:
         self.state = state
+        self.log = log
+        self.tracer = tracer
         self.limit = state.settings.server.max_body_bytes
         self.body_deadline = BodyDeadline(state.settings.server.body_timeout_seconds)
         self.new_request_id = request_ids().__next__
-        # model -> drift input hook, set by the SLO runtime at startup (service/slo_runtime.py)
-        self.input_taps: Mapping[str, InputTap] = {}
-        # model -> shadow + feedback hook after a successful run, set by service/shadowing.py
-        self.observers: dict[str, Observer] = {}
-        # True: observers run before the reply, inside the request's span (service/tracing.py)
-        self.observe_in_request = False
-        self.journal: list[tuple[Served, float]] = []  # (request, perf_counter when answered)
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
+        # The request span's context travels in the Served row, for the shadow comparison's link.
+        self._trace_context = tracer.context if tracer.enabled else None
 
     async def handle(
         self,
@@ -280,7 +261,7 @@ class Inference:
             if batcher is not None and batcher.busy():
                 outputs = await batcher.run(inputs)
             else:
-                outputs = variant.session.run(inputs)
+                outputs = variant.run(inputs)
                 if batcher is not None:
                     batcher.ran_inline()
             if protocol == "v2":
@@ -309,12 +290,6 @@ class Inference:
             )
             status, payload = 500, error_body("internal error while running the model")
         request_id = request_id or self.new_request_id()
-        observed: Arrays | None = None
-        if status == 200 and variant is not None and model in self.observers:
-            observed = outputs
-            if self.observe_in_request:
-                self.observers[model]([(request_id, variant.version, inputs, outputs)])
-                observed = None
         reply_headers: RawHeaders = [
             (b"content-type", JSON if json_length is None else OCTET_STREAM),
             (b"content-length", str(len(payload)).encode()),
@@ -325,75 +300,36 @@ class Inference:
             reply_headers.append((b"inference-header-content-length", str(json_length).encode()))
         if error_headers:
             reply_headers.extend(error_headers)
-        served = (protocol, model, variant, status, started, request_id, inputs, observed)
-        return Reply(status, reply_headers, payload, partial(self.record, served))
+        trace = self._trace_context() if self._trace_context is not None else None
+        served: ServedSoFar = (
+            protocol,
+            model,
+            variant,
+            status,
+            started,
+            request_id,
+            inputs,
+            outputs if status == 200 else None,
+            trace,
+        )
+        return Reply(status, reply_headers, payload, self.log, served)
 
-    def record(self, served: Served) -> None:
-        """Journal an answered request; settle the journal when full, or schedule that."""
-        journal = self.journal
-        journal.append((served, perf_counter()))
-        if len(journal) >= JOURNAL_ROWS:
-            self.flush()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no event loop (a synchronous caller): settle now
-                self.flush()
-                return
-            self._loop, self._loop_thread = loop, threading.get_ident()
-            self._timer = loop.call_later(JOURNAL_SECONDS, self.flush)
 
-    def flush(self) -> None:
-        """Settle every journaled request now: metrics, drift taps, shadow and feedback.
+class TracedInference(Inference):
+    """`Inference` with each request in its tracer's request span (the app builds this one when
+    tracing is on, so the untraced path carries no tracing branch but one `is None` check)."""
 
-        Call it on the event loop, the journal's only writer; from another thread (a Prometheus
-        collect there) use `flush_from_any_thread`.
-        """
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        entries, self.journal = self.journal, []
-        if entries:
-            try:
-                self._settle(entries)
-            except Exception:  # bookkeeping must never fail the server; say so and go on
-                log.exception("settling %d answered requests failed", len(entries))
-
-    def flush_from_any_thread(self) -> None:
-        """`flush` on the event loop's thread; from any other, scheduled on the loop."""
-        loop = self._loop
-        if loop is None or threading.get_ident() == self._loop_thread:
-            self.flush()
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(self.flush)
-
-    def _settle(self, entries: list[tuple[Served, float]]) -> None:
-        by_variant: dict[Variant, list[tuple[Served, float]]] = {}
-        for entry in entries:
-            served = entry[0]
-            variant = served[2]
-            if variant is not None:
-                by_variant.setdefault(variant, []).append(entry)
-                continue
-            model = served[1]
-            known = model if model in self.state.versions else ""
-            self.state.unrouted(known).inc(served[0], served[3])
-        for variant, answered in by_variant.items():
-            codes = Counter((protocol, status) for (protocol, _, _, status, *_), _ in answered)
-            for (protocol, status), count in codes.items():
-                variant.requests.inc(protocol, status, count)
-            variant.duration.observe_many([end - served[4] for served, end in answered])
-            ok = [served for served, _ in answered if served[3] == 200]
-            if not ok:
-                continue
-            if tap := self.input_taps.get(variant.model):
-                tap([inputs for *_, inputs, _ in ok])
-            if observe := self.observers.get(variant.model):
-                version = variant.version
-                observations = [
-                    (request_id, version, inputs, outputs)
-                    for *_, request_id, inputs, outputs in ok
-                    if outputs is not None
-                ]
-                if observations:
-                    observe(observations)
+    async def handle(
+        self,
+        protocol: str,
+        model: str,
+        version: str | None,
+        raw_headers: Iterable[tuple[bytes, bytes]],
+        receive: Receive,
+    ) -> Reply:
+        headers = list(raw_headers)
+        with self.tracer.request(model, protocol, headers) as span:
+            reply = await super().handle(protocol, model, version, headers, receive)
+            served = next((v for k, v in reply.headers if k == MODEL_VERSION), b"")
+            span.answered(reply.status, served.decode("latin-1"))
+            return reply

@@ -25,7 +25,7 @@ import asyncio
 import sys
 from asyncio import current_task
 from collections.abc import Iterable
-from time import monotonic
+from time import monotonic, perf_counter
 from typing import Any
 
 from kdgate.service.errors import error_body
@@ -37,6 +37,7 @@ from kdgate.service.inference import (
     Inference,
     Receive,
     Reply,
+    ServedSoFar,
     new_request_id,
 )
 from kdgate.service.protocol_v2 import valid_request_id
@@ -140,9 +141,19 @@ class Guard:
             (MODEL_VERSION, NO_VERSION),
             (REQUEST_ID, request_id.encode()),
         ]
-        known = model if model in self.state.versions else ""
-        counters = self.state.unrouted(known)
-        return Reply(503, headers, body, lambda: counters.inc(protocol, 503))
+        # Counted like any request no variant answered (version ""), by the request log.
+        served: ServedSoFar = (
+            protocol,
+            model,
+            None,
+            503,
+            perf_counter(),
+            request_id,
+            {},
+            None,
+            None,
+        )
+        return Reply(503, headers, body, self.inference.log, served)
 
     def _sweep(self) -> None:
         """Cancel the requests past their deadline; run again while any is in flight."""

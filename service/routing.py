@@ -1,9 +1,10 @@
 """Which student version serves a request: variants, weighted split, sticky keys.
 
-A `Variant` is one loaded student version with its metric children pre-bound (`.labels()` on
-every request costs more than the counter increment itself). A `Router` holds a model's variants
-and picks one per request: the version named in the URL if any, else by the traffic weights,
-hashing the sticky header when the caller sends one so a caller keeps its variant.
+A `Variant` is one loaded student version, built by the one factory of service/state.py
+(`VariantFactory`), so a version loaded at start and one loaded through the admin API are alike.
+A `Router` holds a model's variants and picks one per request: the version named in the URL if
+any, else by the traffic weights, hashing the sticky header when the caller sends one so a
+caller keeps its variant.
 
 A Router never changes once built. A traffic change (service/traffic.py) builds a new Router and
 assigns it to `ServingState.routers[model]` in one step, so a request sees the old split or the
@@ -15,74 +16,54 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from prometheus_client.metrics import Counter
-
-from kdgate.monitoring.metrics import BulkHistogram, Metrics
+from kdgate.monitoring.metrics import Metrics
 from kdgate.service.batching import Batcher, batchable
 from kdgate.service.errors import ModelNotFound
 from kdgate.service.runtime import StudentSession
 from kdgate.service.settings import TrafficSettings
 from kdgate.service.tensors import Signature
 
-PROTOCOLS = ("v2", "v1")
-COMMON_CODES = (200, 400, 404, 413, 500, 503)
 _SLOTS = 100  # weights are percentages
 
 
-class RequestCounters:
-    """`kdgate_requests_total` children for one (model, version), bound once per code."""
-
-    def __init__(self, metrics: Metrics, model: str, version: str, *, prebind: bool = True):
-        self._family = metrics.requests
-        self._model = model
-        self._version = version
-        self._children: dict[tuple[str, int], Counter] = {}
-        if prebind:
-            for protocol in PROTOCOLS:
-                for code in COMMON_CODES:
-                    self._children[protocol, code] = self._bind(protocol, code)
-
-    def inc(self, protocol: str, code: int, count: int = 1) -> None:
-        child = self._children.get((protocol, code))
-        if child is None:
-            child = self._children[protocol, code] = self._bind(protocol, code)
-        child.inc(count)
-
-    def _bind(self, protocol: str, code: int) -> Counter:
-        return self._family.labels(self._model, self._version, protocol, str(code))
-
-
 class Variant:
-    """One student version of a model, ready to run, with its pre-bound metric children and,
-    when its signature allows and `batch_max_rows` > 1, a micro-batcher (service/batching.py)."""
+    """One student version of a model, ready to run.
+
+    `run` runs the student on decoded inputs: the session's own `run`, or the tracer's wrapper of
+    it. When the signature allows and `batch_max_rows` > 1, concurrent requests share runs
+    through a micro-batcher (service/batching.py).
+    """
 
     def __init__(
         self,
         model: str,
         session: StudentSession,
         version: str,
-        metrics: Metrics,
         *,
         batch_max_rows: int = 1,
+        run: Callable[[Any], Any] | None = None,
+        metrics: Metrics | None = None,
     ):
         self.model = model
         self.version = version
         self.session = session
+        self.run = run or session.run
         self.signature: Signature = session.signature
-        self.batcher = (
-            Batcher(
-                session,
-                batch_max_rows,
-                observe_rows=metrics.batch_rows.labels(model, version).observe,
-                observe_wait=metrics.batch_wait.labels(model, version).observe,
+        self.batcher: Batcher | None = None
+        if batch_max_rows > 1 and batchable(self.signature):
+            self.batcher = (
+                Batcher(
+                    session,
+                    batch_max_rows,
+                    observe_rows=metrics.batch_rows.labels(model, version).observe,
+                    observe_wait=metrics.batch_wait.labels(model, version).observe,
+                )
+                if metrics is not None
+                else Batcher(session, batch_max_rows)
             )
-            if batch_max_rows > 1 and batchable(self.signature)
-            else None
-        )
-        self.requests = RequestCounters(metrics, model, version)
-        self.duration: BulkHistogram = metrics.request_duration.labels(model, version)
         self.version_header = (b"x-kdgate-model-version", version.encode())
 
 

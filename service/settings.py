@@ -242,9 +242,18 @@ class ShadowSettings(_Section):
     queue_size: int = Field(default=4096, ge=1)
     max_batch: int = Field(default=64, ge=1)
     linger_seconds: float = Field(default=0.01, ge=0.0, description="wait for rows after idle")
-    window_seconds: float = Field(default=300.0, ge=10.0, description="GET /v1/fidelity window")
     stop_grace_seconds: float = Field(default=5.0, ge=0.0, description="drain time at shutdown")
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_window(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "window_seconds" in data:
+            raise ValueError(
+                "shadow.window_seconds is gone: GET /v1/fidelity, GET /v1/slo and the SLO monitor "
+                "share one window, slo.window_seconds; set that instead"
+            )
+        return data
 
 
 class FeedbackSettings(_Section):

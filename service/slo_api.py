@@ -1,4 +1,4 @@
-"""HTTP endpoints of the SLO runtime: status, the drift report, and the Alertmanager hook.
+"""HTTP endpoints of the SLO monitor: status, the drift report, and the Alertmanager hook.
 
     GET  /v1/slo                   per model and SLO: status, observed, samples, objective source
     GET  /v1/reports/drift         the latest Evidently HTML report (?model=, default the first;
@@ -29,8 +29,9 @@ from kdgate.service.auth import check_bearer
 from kdgate.service.endpoints import JsonResponse
 from kdgate.service.errors import InvalidInput, ModelNotFound, NotReady, PayloadTooLarge
 from kdgate.service.inference import BodyDeadline, ClientDisconnected, read_body
+from kdgate.service.monitoring_runtime import MonitoringRuntime
+from kdgate.service.request_log import RequestLog
 from kdgate.service.settings import Settings
-from kdgate.service.slo_runtime import SloRuntime
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 10
 
 
-def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:
-    """The three routes, bound to one app's settings and SLO runtime."""
+def build_slo_router(
+    settings: Settings, runtime: MonitoringRuntime, requests: RequestLog
+) -> APIRouter:
+    """The three routes, bound to one app's settings and monitoring runtime."""
     api = APIRouter(tags=["monitoring"])
     default_model = settings.models[0].name
     served = frozenset(m.name for m in settings.models)
@@ -49,6 +52,7 @@ def build_slo_router(settings: Settings, runtime: SloRuntime) -> APIRouter:
         """Per model and SLO: status, observed, objective, kind, source, samples, window."""
         if runtime.monitor is None:
             raise NotReady("the SLO monitor is starting")
+        requests.settle()  # the latency of every answered request is in the window
         return JsonResponse({"slos": runtime.monitor.status()})
 
     @api.get("/v1/reports/drift", response_class=Response)

@@ -1,8 +1,9 @@
 """What the app serves: the configured models, their routers once loaded, and readiness.
 
 The names and versions come from the settings at construction, so unknown models answer 404
-and known ones 503 while loading. `load` builds every student session (sha256 verified), warms
-it up and only then flips `ready`; it blocks, so the lifespan runs it in a worker thread.
+and known ones 503 while loading. `load` builds every student version with the app's
+`VariantFactory` (the same one the admin API loads versions with), warms them up and only then
+flips `ready`; it blocks, so the lifespan runs it in a worker thread.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kdgate.monitoring.metrics import Metrics
-from kdgate.service.errors import ModelNotFound, NotReady
-from kdgate.service.routing import RequestCounters, Router, Variant
+from kdgate.service.errors import InvalidInput, ModelNotFound, NotReady
+from kdgate.service.request_metrics import RequestMetrics
+from kdgate.service.routing import Router, Variant
 from kdgate.service.runtime import StudentSession
 from kdgate.service.settings import ServerSettings, Settings, StudentSettings
+from kdgate.service.tensors import Signature
+from kdgate.service.tracer import NO_TRACER, Tracer
 
 StudentLoader = Callable[[StudentSettings, ServerSettings], StudentSession]
 
@@ -27,6 +31,54 @@ def load_student(student: StudentSettings, server: ServerSettings) -> StudentSes
     )
 
 
+class VariantFactory:
+    """Builds every student version of the app, at start and through the admin API alike.
+
+    `loader` makes the session (tests inject slow or failing ones); `tracer` wraps its `run` in a
+    span (and then no micro-batcher shares runs: one span per request's run); `request_metrics`
+    creates the version's request series so they export at 0 before its first request;
+    `metrics` receives the micro-batcher's histograms.
+    """
+
+    def __init__(
+        self,
+        server: ServerSettings,
+        *,
+        loader: StudentLoader = load_student,
+        tracer: Tracer = NO_TRACER,
+        request_metrics: RequestMetrics | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.server = server
+        self.metrics = metrics
+        self.loader = loader
+        self.tracer = tracer
+        self.request_metrics = request_metrics
+
+    def __call__(
+        self, model: str, student: StudentSettings, *, signature: Signature | None = None
+    ) -> Variant:
+        """Load (blocking) the session of `student` and make it a variant of `model`; refuse
+        (InvalidInput) one whose inputs/outputs differ from `signature` when given."""
+        session = self.loader(student, self.server)
+        version = student.version
+        if signature is not None and session.signature != signature:
+            raise InvalidInput(
+                f"version {version!r} refused: its inputs/outputs "
+                f"{session.card.inputs + session.card.outputs} differ from model {model!r}'s"
+            )
+        if self.request_metrics is not None:
+            self.request_metrics.bind(model, version)
+        return Variant(
+            model,
+            session,
+            version,
+            batch_max_rows=1 if self.tracer.enabled else self.server.batch_max_rows,
+            run=self.tracer.student_run(model, version, session.run),
+            metrics=self.metrics,
+        )
+
+
 class ServingState:
     """The served models and whether they can answer yet."""
 
@@ -38,28 +90,15 @@ class ServingState:
         }
         self.routers: dict[str, Router] = {}
         self.ready = False
-        # Requests that never reached a variant (unknown model, not ready) are still counted,
-        # under version "" (and model "" when the name is unknown: no unbounded label values).
-        # Bound lazily: these are rare, and zero series for them would only add noise.
-        self._unrouted = {
-            name: RequestCounters(metrics, name, "", prebind=False) for name in [*self.versions, ""]
-        }
 
-    def load(self, loader: StudentLoader = load_student) -> None:
-        """Load, check and warm every student; then mark the state ready (blocking)."""
+    def load(self, build: VariantFactory) -> None:
+        """Build, check and warm every student; then mark the state ready (blocking)."""
         server = self.settings.server
         routers: dict[str, Router] = {}
         for model in self.settings.models:
             variants: dict[str, Variant] = {}
             for student in model.students:
-                session = loader(student, server)
-                variants[student.version] = Variant(
-                    model.name,
-                    session,
-                    student.version,
-                    self.metrics,
-                    batch_max_rows=server.batch_max_rows,
-                )
+                variants[student.version] = build(model.name, student)
             first = next(iter(variants.values())).signature
             if any(v.signature != first for v in variants.values()):
                 raise ValueError(f"model {model.name!r}: students disagree on the signature")
@@ -87,7 +126,3 @@ class ServingState:
             raise ModelNotFound(
                 f"model {model!r} has no version {version!r}; versions: {self.versions[model]}"
             )
-
-    def unrouted(self, model: str) -> RequestCounters:
-        """Counters for a request that no variant served."""
-        return self._unrouted.get(model, self._unrouted[""])

@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing of inference and shadow comparison; off unless `OTEL_*` configures it.
+"""OpenTelemetry tracing of inference and shadow comparison: the `Tracer` when tracing is on.
 
     kdgate.infer           SERVER span per inference request (parent: the W3C `traceparent`)
     └── kdgate.student.run     the student's onnxruntime run
@@ -6,43 +6,40 @@
                            a remote teacher call carries its `traceparent`
 
 Tracing is on when `OTEL_TRACES_EXPORTER` names an exporter (`otlp`, `console`) or an OTLP
-endpoint is set (`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`), and not `OTEL_SDK_DISABLED=true`. The SDK
-then reads the other standard variables itself (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+endpoint is set (`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`), and not `OTEL_SDK_DISABLED=true`
+(`tracer.tracing_configured`), or when the app is given a provider. The SDK then reads the other
+standard variables itself (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_*`; `OTEL_PROPAGATORS` for the
-propagator). When off, this module is never imported, nothing is wrapped and a request pays
-nothing. When on, `instrument` wraps `Inference.handle` and each student session's `run` on
-their instances, so the hot-path code itself carries no tracing branches.
+propagator). When off, this module is never imported (service/tracer.py: `NO_TRACER`).
+
+`Tracing` is handed to what it traces when the app is built: the request path
+(`TracedInference`), the one factory that builds every student version, loaded at start or
+through the admin API (`VariantFactory`: each `run` in a child span, no micro-batcher, so one
+`kdgate.student.run` span per request), and the shadow workers. The shadow sample carries the
+request span's context in its `Served` row, so the comparison links to it without running
+anything inside the request.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TracerProvider
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode, TracerProvider
 
 from kdgate.monitoring.shadow import ShadowSample, TraceHook
 from kdgate.service.endpoints import package_version
-from kdgate.service.inference import MODEL_VERSION, Inference, RawHeaders, Receive, Reply
-from kdgate.service.state import ServingState
+from kdgate.service.tracer import RequestSpan, Run, tracing_configured
+
+__all__ = ["Tracing", "provider_from_env", "tracing_configured"]
 
 _EXPORTERS = ("otlp", "console")
-_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-
-
-def tracing_configured(environ: Mapping[str, str]) -> bool:
-    """Whether the standard `OTEL_*` variables ask for traces (see the module docstring)."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    exporters = environ.get("OTEL_TRACES_EXPORTER")
-    if exporters is not None:
-        return exporters.strip().lower() not in ("", "none")
-    return any(environ.get(name) for name in _ENDPOINTS)
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
 def provider_from_env(environ: Mapping[str, str]) -> TracerProvider:
@@ -102,57 +99,61 @@ class _RawHeaderGetter(Getter[RawHeaders]):
 _GETTER = _RawHeaderGetter()
 
 
+class _RequestSpan:
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def answered(self, status: int, version: str) -> None:
+        self.span.set_attribute("kdgate.version", version)
+        self.span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            self.span.set_status(StatusCode.ERROR)
+
+
 class Tracing:
     """Spans of one app on `provider`; `owned` providers are shut down (flushed) by `aclose`."""
+
+    enabled = True
 
     def __init__(self, provider: TracerProvider, *, owned: bool) -> None:
         self.provider = provider
         self.owned = owned
         self.tracer = provider.get_tracer("kdgate", package_version())
 
-    def instrument(self, inference: Inference, state: ServingState) -> None:
-        """Wrap `inference.handle` in a request span and every loaded student's `run` in a
-        child span (instance attributes: both front doors look `handle` up per call)."""
+    @contextmanager
+    def _request(self, model: str, protocol: str, headers: RawHeaders) -> Iterator[RequestSpan]:
+        with self.tracer.start_as_current_span(
+            "kdgate.infer",
+            context=propagate.extract(headers, getter=_GETTER),
+            kind=SpanKind.SERVER,
+            attributes={"kdgate.model": model, "kdgate.protocol": protocol},
+        ) as span:
+            yield _RequestSpan(span)
+
+    def request(
+        self, model: str, protocol: str, headers: RawHeaders
+    ) -> AbstractContextManager[RequestSpan]:
+        """A `kdgate.infer` SERVER span, current while the request is handled."""
+        return self._request(model, protocol, headers)
+
+    def student_run(self, model: str, version: str, run: Run) -> Run:
+        """`run` wrapped in a `kdgate.student.run` span (a child of the request span)."""
         tracer = self.tracer
-        handle = inference.handle
+        attributes = {"kdgate.model": model, "kdgate.version": version}
 
-        async def traced_handle(
-            protocol: str,
-            model: str,
-            version: str | None,
-            raw_headers: Iterable[tuple[bytes, bytes]],
-            receive: Receive,
-        ) -> Reply:
-            headers = list(raw_headers)
-            with tracer.start_as_current_span(
-                "kdgate.infer",
-                context=propagate.extract(headers, getter=_GETTER),
-                kind=SpanKind.SERVER,
-                attributes={"kdgate.model": model, "kdgate.protocol": protocol},
-            ) as span:
-                reply = await handle(protocol, model, version, headers, receive)
-                served = next((v for k, v in reply.headers if k == MODEL_VERSION), b"")
-                span.set_attribute("kdgate.version", served.decode("latin-1"))
-                span.set_attribute("http.response.status_code", reply.status)
-                if reply.status >= 500:
-                    span.set_status(StatusCode.ERROR)
-                return reply
+        def traced_run(inputs: Any) -> Any:
+            with tracer.start_as_current_span("kdgate.student.run", attributes=attributes):
+                return run(inputs)
 
-        # setattr: mypy rejects assigning to a method, which is exactly what is meant here.
-        setattr(inference, "handle", traced_handle)  # noqa: B010
-        inference.observe_in_request = True  # the shadow sample links to the request span
-        for router in state.routers.values():
-            for variant in router.variants.values():
-                attributes = {"kdgate.model": variant.model, "kdgate.version": variant.version}
-                run = _traced_run(tracer, variant.session.run, attributes)
-                setattr(variant.session, "run", run)  # noqa: B010
-                variant.batcher = None  # one span per request's run, inside its request span
+        return traced_run
 
-    def request_context(self) -> SpanContext:
+    def context(self) -> SpanContext:
         """The current span's context (the request span, on the hot path), for linking."""
         return trace.get_current_span().get_span_context()
 
-    def compare_span(self, model: str, teacher: str) -> TraceHook:
+    def compare(self, model: str, teacher: str) -> TraceHook:
         """The shadow worker's `trace` hook: a span per compared batch, linked to its requests."""
         tracer = self.tracer
 
@@ -177,10 +178,10 @@ class Tracing:
 
         return span
 
-    def inject_traceparent(self, request: httpx.Request) -> None:
-        """httpx request hook: propagate the current span (the comparison) to a remote teacher
+    def http_hooks(self) -> Mapping[str, list[Callable[[httpx.Request], None]]]:
+        """httpx hooks: propagate the current span (the comparison) to a remote teacher
         (called on the teacher's thread, in the context copied from the shadow worker)."""
-        propagate.inject(request.headers)
+        return {"request": [_inject_traceparent]}
 
     async def aclose(self) -> None:
         """Flush and stop an owned provider (blocking export: done in a thread)."""
@@ -189,9 +190,5 @@ class Tracing:
             await asyncio.to_thread(shutdown)
 
 
-def _traced_run(tracer: trace.Tracer, run: Any, attributes: Mapping[str, str]) -> Any:
-    def traced_run(inputs: Any) -> Any:
-        with tracer.start_as_current_span("kdgate.student.run", attributes=attributes):
-            return run(inputs)
-
-    return traced_run
+def _inject_traceparent(request: httpx.Request) -> None:
+    propagate.inject(request.headers)

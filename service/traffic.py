@@ -40,7 +40,7 @@ from kdgate.service.cards import ModelCard, model_path
 from kdgate.service.errors import DeadlineExceeded, InvalidInput, KdgateError
 from kdgate.service.routing import Router, Variant
 from kdgate.service.settings import StudentSettings, TrafficSettings
-from kdgate.service.state import ServingState, StudentLoader
+from kdgate.service.state import ServingState, VariantFactory
 from kdgate.service.traffic_store import SavedModel, TrafficStore
 
 _T = TypeVar("_T")
@@ -70,9 +70,9 @@ def problems(exc: ValidationError) -> str:
 class TrafficControl:
     """Applies, saves and audits traffic changes for the models of one serving state."""
 
-    def __init__(self, state: ServingState, loader: StudentLoader, store: TrafficStore) -> None:
+    def __init__(self, state: ServingState, build: VariantFactory, store: TrafficStore) -> None:
         self.state = state
-        self.loader = loader
+        self.build = build
         self.store = store
         self._cards: dict[str, dict[str, Path]] = {
             m.name: {s.version: s.card for s in m.students} for m in state.settings.models
@@ -236,26 +236,16 @@ class TrafficControl:
         """Build, check and warm a variant (blocking: runs in a worker thread)."""
         model = current.model
         try:
-            session = self.loader(student, self.state.settings.server)
+            variant = self.build(model, student, signature=current.signature)
+        except InvalidInput:
+            raise
         except Exception as exc:  # a file the caller named: any failure to load it is theirs
             raise InvalidInput(
                 f"version {student.version!r} of model {model!r} refused: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
-        if session.signature != current.signature:
-            raise InvalidInput(
-                f"version {student.version!r} refused: its inputs/outputs "
-                f"{session.card.inputs + session.card.outputs} differ from model {model!r}'s"
-            )
-        server = self.state.settings.server
-        session.warm_up(server.warmup_runs)
-        return Variant(
-            model,
-            session,
-            student.version,
-            self.state.metrics,
-            batch_max_rows=server.batch_max_rows,
-        )
+        variant.session.warm_up(self.state.settings.server.warmup_runs)
+        return variant
 
     async def _apply(
         self, current: Router, traffic: TrafficSettings, caller: Caller, action: str

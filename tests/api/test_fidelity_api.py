@@ -284,3 +284,32 @@ async def test_a_shadow_fraction_set_through_the_admin_api_applies_to_the_next_r
         fidelity = (await client.get("/v1/fidelity", params={"model": "digits"})).json()
     assert fidelity["models"]["digits"]["shadow"]["fraction"] == 1.0
     assert fidelity["models"]["digits"]["samples"] == 20
+
+
+async def test_fidelity_and_slo_report_the_same_agreement_and_p95() -> None:
+    """Both endpoints read one window: the same figures, whatever the traffic."""
+    rng = np.random.default_rng(5)
+    data = load_digits().data.astype(np.float32)
+    rows = np.vstack([data[:150], rng.uniform(0, 16, (50, 64)).astype(np.float32)])
+    registry = CollectorRegistry()
+    settings = digits_settings(0.5).model_copy(
+        update={"slo": digits_settings(0.5).slo.model_copy(update={"min_samples": 10})}
+    )
+    app = create_app(settings, registry=registry)
+    async with running(app) as client:
+        for i, row in enumerate(rows):
+            await infer(client, f"same-{i}", row)
+        shadowed = sum(zlib.crc32(f"same-{i}".encode()) < 0.5 * 2**32 for i in range(len(rows)))
+        await wait_compared(registry, shadowed)
+        fidelity = (await client.get("/v1/fidelity", params={"model": "digits"})).json()
+        slo = (await client.get("/v1/slo")).json()
+    digits = fidelity["models"]["digits"]
+    by_slo = {row["slo"]: row for row in slo["slos"] if row["model"] == "digits"}
+    assert digits["samples"] == by_slo["agreement"]["samples"] == shadowed
+    assert digits["agreement"] == by_slo["agreement"]["observed"]
+    assert digits["mean_kl"] == by_slo["kl_mean"]["observed"]
+    assert digits["ece_teacher"] == by_slo["ece_teacher"]["observed"]
+    assert digits["p95_latency_seconds"] is not None
+    assert digits["p95_latency_seconds"] == by_slo["p95_latency"]["observed"]
+    assert by_slo["p95_latency"]["samples"] == len(rows)
+    assert fidelity["window_seconds"] == by_slo["agreement"]["window_seconds"]

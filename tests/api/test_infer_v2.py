@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kdgate.service import inference
-from kdgate.service.inference import JOURNAL_ROWS, JOURNAL_SECONDS
+from kdgate.service.request_log import SECONDS
 from tests.support.tiny_model import reference_logits
 from tests.support.v2 import binary_request, json_request, read_binary_response
 
@@ -154,36 +153,25 @@ async def test_requests_are_counted_and_timed(
     )
 
 
-async def test_bookkeeping_is_journaled_and_settled_before_a_read(
+async def test_bookkeeping_is_logged_and_settled_before_a_read(
     client: httpx.AsyncClient, registry: CollectorRegistry
 ) -> None:
-    app = client._transport.app  # type: ignore[attr-defined]
+    log = client._transport.app.state.request_log  # type: ignore[attr-defined]
     labels = {"model": "digits", "version": "1", "protocol": "v2", "code": "200"}
     before = registry.get_sample_value("kdgate_requests_total", labels) or 0.0
-    assert app.inference.journal == []
+    assert len(log) == 0
     assert (await client.post(URL, json=json_request(digits(1)))).status_code == 200
-    assert len(app.inference.journal) == 1  # answered, not yet settled
+    assert len(log) == 1  # answered, not yet settled
     assert registry.get_sample_value("kdgate_requests_total", labels) == before + 1
-    assert app.inference.journal == []  # the read settled it first
+    assert len(log) == 0  # the read settled it first
 
 
-async def test_the_journal_settles_on_its_own_within_its_delay(client: httpx.AsyncClient) -> None:
-    app = client._transport.app  # type: ignore[attr-defined]
+async def test_the_log_settles_on_its_own_within_its_delay(client: httpx.AsyncClient) -> None:
+    log = client._transport.app.state.request_log  # type: ignore[attr-defined]
     assert (await client.post(URL, json=json_request(digits(1)))).status_code == 200
     deadline = time.monotonic() + 2.0
     for _ in range(1000):  # polled: no read of the results may settle it
-        if not app.inference.journal or time.monotonic() > deadline:
+        if not len(log) or time.monotonic() > deadline:
             break
-        await anyio.sleep(JOURNAL_SECONDS / 4)
-    assert app.inference.journal == []
-
-
-async def test_a_full_journal_settles_at_once(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    app = client._transport.app  # type: ignore[attr-defined]
-    monkeypatch.setattr(inference, "JOURNAL_SECONDS", 3600.0)  # only the size can settle it
-    app.inference.flush()
-    for sent in range(1, JOURNAL_ROWS + 1):
-        assert (await client.post(URL, json=json_request(digits(1)))).status_code == 200
-        assert len(app.inference.journal) == sent % JOURNAL_ROWS
+        await anyio.sleep(SECONDS / 4)
+    assert len(log) == 0

@@ -68,8 +68,8 @@ async def test_served_inputs_reach_the_drift_buffer(digits: httpx.AsyncClient) -
     v1 = {"instances": rows[:1].tolist()}
     assert (await digits.post("/v1/models/digits:predict", json=v1)).status_code == 200
     app = digits._transport.app  # type: ignore[attr-defined]
-    app.inference.flush()  # settle the journal now rather than JOURNAL_SECONDS later
-    buffered = app.state.slo.buffers["digits"].snapshot()
+    app.state.request_log.settle()  # now rather than request_log.SECONDS later
+    buffered = app.state.monitoring.buffers["digits"].snapshot()
     np.testing.assert_array_equal(buffered, np.concatenate([rows, rows[:1]]))
 
 

@@ -4,6 +4,10 @@ seen by the SDK's in-memory exporter; W3C traceparent in; tracing off leaves the
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -14,10 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from kdgate.service.app import create_app
 from kdgate.service.inference import Inference
-from kdgate.service.settings import Settings
+from kdgate.service.settings import Settings, load_settings
 from kdgate.service.tracing import provider_from_env, tracing_configured
 from tests.support.asgi import running
 from tests.support.fidelity_reference import DIGITS
+from tests.support.traffic import AUTH, extra_student, infer_body, write_admin_config
 
 pytestmark = pytest.mark.anyio
 
@@ -87,15 +92,80 @@ async def test_request_span_student_child_and_linked_shadow_span() -> None:
     assert compare.attributes["kdgate.shadow.rows"] == 2
 
 
+async def test_a_version_loaded_through_the_admin_api_is_traced_like_one_loaded_at_start(
+    tmp_path: Path,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = load_settings(write_admin_config(tmp_path, {"1": 100}))
+    assert settings.server.batch_max_rows > 1  # untraced, versions would share batched runs
+    app = create_app(settings, registry=CollectorRegistry(), tracer_provider=provider)
+    async with running(app) as client:
+        card = extra_student(tmp_path, "3", seed=3)
+        loaded = await client.post(
+            "/admin/models/digits/versions", headers=AUTH, json={"card": str(card)}
+        )
+        assert loaded.status_code == 201, loaded.text
+        exporter.clear()
+        for version in ("1", "3"):
+            for _ in range(3):
+                url = f"/v2/models/digits/versions/{version}/infer"
+                assert (await client.post(url, json=infer_body())).status_code == 200
+        variants = app.serving.routers["digits"].variants
+        assert variants["1"].batcher is None and variants["3"].batcher is None
+    spans = exporter.get_finished_spans()
+    requests = [s for s in spans if s.name == "kdgate.infer"]
+    runs = [s for s in spans if s.name == "kdgate.student.run"]
+    assert len(requests) == len(runs) == 6  # one student run span per request, both versions
+    by_request = {s.context.span_id: s for s in requests}
+    for run in runs:
+        assert run.parent is not None
+        request = by_request[run.parent.span_id]
+        assert request.attributes is not None and run.attributes is not None
+        assert run.attributes == {
+            "kdgate.model": "digits",
+            "kdgate.version": request.attributes["kdgate.version"],
+        }
+    assert sorted(str(s.attributes["kdgate.version"]) for s in runs if s.attributes) == [
+        "1", "1", "1", "3", "3", "3"
+    ]  # fmt: skip
+
+
 async def test_tracing_off_wraps_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     app = create_app(settings(), registry=CollectorRegistry())
     async with running(app):
+        assert type(app.inference) is Inference
         assert "handle" not in vars(app.inference)
-        assert app.inference.handle.__func__ is Inference.handle  # type: ignore[attr-defined]
-        session = app.serving.routers["digits"].default.session
-        assert "run" not in vars(session)
+        variant = app.serving.routers["digits"].default
+        assert variant.run == variant.session.run  # the session's own method, unwrapped
+        assert "run" not in vars(variant.session)
+
+
+def test_tracing_off_never_imports_the_tracing_module_or_the_sdk() -> None:
+    # FastAPI itself may import the opentelemetry API; kdgate adds neither its tracing module
+    # (which imports the API and exporters) nor the SDK.
+    code = (
+        "import sys, asyncio\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from kdgate.service.app import create_app\n"
+        "from kdgate.service.settings import Settings\n"
+        "from tests.support.asgi import running\n"
+        "async def main():\n"
+        "    async with running(create_app(Settings(), registry=CollectorRegistry())) as c:\n"
+        "        assert (await c.get('/v2/health/ready')).status_code == 200\n"
+        "asyncio.run(main())\n"
+        "names = ('opentelemetry.sdk', 'kdgate.service.tracing')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(names)))\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from kdgate.monitoring.fidelity import Calibration, Comparison
 from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.recent import RecentWindow
 from kdgate.monitoring.rules import RULES_FILE, render_rules, write_rules
 from kdgate.monitoring.slo import SloConfig, objectives_for
 from kdgate.monitoring.slo_monitor import Monitor
@@ -100,6 +103,14 @@ def series_values(index: int) -> str:
     return " ".join(totals)
 
 
+def comparison(samples: float, agreements: float, kl_sum: float) -> Comparison:
+    """`samples` compared pairs, `agreements` of them agreeing, KL summing to `kl_sum`."""
+    n = round(samples)
+    none = np.zeros(15)
+    calibration = Calibration(none.astype(np.int64), none, none.astype(np.int64))
+    return Comparison(np.arange(n) < round(agreements), np.full(n, kl_sum / n), calibration)
+
+
 def test_monitor_and_rules_agree_on_one_scenario(promtool: str, tmp_path: Path) -> None:
     config = SloConfig(
         window_seconds=300, min_samples=200, consecutive_breaches=3, evaluate_every_seconds=60
@@ -114,11 +125,16 @@ def test_monitor_and_rules_agree_on_one_scenario(promtool: str, tmp_path: Path) 
             return self.now
 
     clock = Clock()
-    monitor = Monitor(objectives, config, Metrics(CollectorRegistry()), clock=clock)
+    window = RecentWindow(
+        window_seconds=config.window_seconds,
+        bucket_seconds=config.window_seconds / config.window_buckets,
+        clock=clock,
+    )
+    monitor = Monitor(objectives, config, Metrics(CollectorRegistry()), window)
     breached_at: dict[int, set[str]] = {}
     for step in range(1, STEPS + 1):
         clock.now = step * STEP_SECONDS - 0.5  # traffic arrives during the minute
-        monitor.observe_fidelity("digits", *per_step(step))
+        window.add_comparison("digits", "1", comparison(*per_step(step)))
         clock.now = step * STEP_SECONDS
         monitor.evaluate()
         breached_at[step] = {r["slo"] for r in monitor.status() if r["status"] == "breached"}

@@ -1,6 +1,7 @@
 """The committed Grafana dashboards: generated, well-formed, and querying only real kdgate series.
 
-The metric contract is read from `monitoring.metrics.Metrics` itself, so a renamed metric or
+The metric contract is read from `monitoring.metrics.Metrics` and the request metrics themselves,
+so a renamed metric or
 label fails here, not as an empty panel in production. Grafana's own schema is checked by
 tests/system/test_dashboard_schema.py; that every expression parses and returns data from a live
 Prometheus is the full-stack system test's job (it uses tests/support/dashboards.py).
@@ -20,8 +21,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.metrics import CounterFamily, HistogramFamily, Metrics
 from kdgate.monitoring.rules import DEFAULT_RUNBOOK_BASE, runbook_url
+from kdgate.service.request_metrics import RequestMetrics
 from tests.support.dashboards import (
     DASHBOARDS_DIR,
     iter_panels,
@@ -43,10 +45,15 @@ PROMQL_WORDS = {
 def series_labels() -> dict[str, frozenset[str]]:
     """Every series name kdgate exports -> its label names (`le` for histogram buckets)."""
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
-    for instrument in vars(Metrics(CollectorRegistry())).values():
+    instruments = [*vars(Metrics(CollectorRegistry())).values(), *vars(RequestMetrics([])).values()]
+    for instrument in instruments:
         if isinstance(instrument, MetricWrapperBase):
             # prometheus_client has no public accessor for a family's label names.
             found[instrument._name] = (str(instrument._type), tuple(instrument._labelnames))
+        elif isinstance(instrument, CounterFamily):
+            found[instrument.name] = ("counter", instrument.labelnames)
+        elif isinstance(instrument, HistogramFamily):
+            found[instrument.name] = ("histogram", instrument.labelnames)
     series: dict[str, frozenset[str]] = {}
     for name, (kind, labels) in found.items():
         if kind == "counter":

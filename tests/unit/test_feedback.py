@@ -3,8 +3,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kdgate.monitoring.feedback import FeedbackStore
-from kdgate.monitoring.fidelity_window import FidelityWindow
 from kdgate.monitoring.metrics import Metrics
+from kdgate.monitoring.recent import RecentWindow
 from kdgate.monitoring.recorder import TEACHER_VERSION, FidelityRecorder
 
 
@@ -64,7 +64,7 @@ def test_labels_for_1000_predictions_give_the_independent_accuracy_and_ece() -> 
     shadowed = np.arange(n) % 2 == 0
 
     registry = CollectorRegistry()
-    window = FidelityWindow(window_seconds=300, clock=Clock())
+    window = RecentWindow(window_seconds=300, clock=Clock())
     store = FeedbackStore(
         FidelityRecorder(Metrics(registry), "digits", window=window), max_size=5000
     )
@@ -87,12 +87,12 @@ def test_labels_for_1000_predictions_give_the_independent_accuracy_and_ece() -> 
     assert accuracy == pytest.approx(want_accuracy, rel=1e-12)
     assert ece == pytest.approx(want_ece, rel=1e-9)
 
-    summary = window.summary()
-    assert summary["label_samples"] == n
-    assert summary["label_accuracy"] == pytest.approx(
+    figures = window.figures("digits")
+    assert figures.label_samples == n
+    assert figures.label_accuracy == pytest.approx(
         _independent_accuracy_and_ece(student, labels)[0]
     )
-    assert summary["teacher_label_samples"] == shadowed.sum()
+    assert figures.teacher_label_samples == shadowed.sum()
 
 
 def test_unknown_expired_duplicate_and_invalid_ids_are_reported() -> None:

@@ -1,21 +1,30 @@
-"""monitoring/metrics.py: bulk histogram observations, and the hooks run before a collect."""
+"""monitoring/metrics.py: kdgate-owned families export what prometheus_client instruments would,
+through a public collector with a read barrier, and no `_created` series."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, BulkHistogram, Metrics
+from kdgate.monitoring.metrics import (
+    LATENCY_BUCKETS_SECONDS,
+    CounterFamily,
+    Export,
+    HistogramFamily,
+    Metrics,
+)
 
 
-def _histograms() -> tuple[BulkHistogram, BulkHistogram, CollectorRegistry, CollectorRegistry]:
+def _histograms() -> tuple[Histogram, HistogramFamily, CollectorRegistry, CollectorRegistry]:
     one, many = CollectorRegistry(), CollectorRegistry()
     labels = ["model"]
-    each = BulkHistogram("h", "h", labels, buckets=LATENCY_BUCKETS_SECONDS, registry=one)
-    bulk = BulkHistogram("h", "h", labels, buckets=LATENCY_BUCKETS_SECONDS, registry=many)
+    each = Histogram("h", "h", labels, buckets=LATENCY_BUCKETS_SECONDS, registry=one)
+    bulk = HistogramFamily("h", "h", labels, LATENCY_BUCKETS_SECONDS)
+    many.register(Export([bulk]))
     return each, bulk, one, many
 
 
@@ -61,16 +70,46 @@ def test_observe_many_counts_bucket_bounds_like_observe() -> None:
     assert registry.get_sample_value("h_count", {"model": "m"}) == 3
 
 
-def test_hooks_run_before_every_collect() -> None:
-    metrics = Metrics(CollectorRegistry())
-    child = metrics.request_duration.labels("digits", "1")
+def test_the_barrier_runs_before_every_collect_of_the_families() -> None:
+    registry = CollectorRegistry()
+    family = HistogramFamily("h", "h", ["model"], LATENCY_BUCKETS_SECONDS)
     pending = [0.001, 0.002]
 
     def settle() -> None:
-        child.observe_many(pending)
+        family.labels("m").observe_many(pending)
         pending.clear()
 
-    metrics.before_collect.append(settle)
-    labels = {"model": "digits", "version": "1"}
-    assert metrics.registry.get_sample_value("kdgate_request_duration_seconds_count", labels) == 2
-    assert b"kdgate_request_duration_seconds_count" in generate_latest(metrics.registry)
+    registry.register(Export([family], before=settle))
+    assert registry.get_sample_value("h_count", {"model": "m"}) == 2
+    assert b"h_count" in generate_latest(registry)
+
+
+def test_counter_family_exports_a_counter_and_refuses_to_go_down() -> None:
+    registry = CollectorRegistry()
+    family = CounterFamily("c_total", "c", ["code"])
+    registry.register(Export([family]))
+    family.labels("200").inc(3)
+    family.labels("200").inc()
+    assert registry.get_sample_value("c_total", {"code": "200"}) == 4
+    reference = CollectorRegistry()
+    Counter("c", "c", ["code"], registry=reference).labels("200").inc(4)
+    want = [x for x in generate_latest(reference).decode().splitlines() if "_created" not in x]
+    assert generate_latest(registry).decode().splitlines() == want
+    with pytest.raises(ValueError, match="up"):
+        family.labels("200").inc(-1)
+
+
+def test_no_created_series_are_exported() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.shadow.labels("digits", "compared").inc()
+    metrics.fidelity_samples.labels("digits", "1").inc(2)
+    metrics.fidelity_kl.labels("digits", "1").observe_many([0.01])
+    text = generate_latest(metrics.registry).decode()
+    assert "kdgate_shadow_total" in text and "kdgate_fidelity_kl_divergence_nats_sum" in text
+    assert "_created" not in text
+    assert (
+        metrics.registry.get_sample_value(
+            "kdgate_fidelity_samples_total", {"model": "digits", "version": "1"}
+        )
+        == 2
+    )

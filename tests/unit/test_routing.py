@@ -6,9 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from kdgate.monitoring.metrics import Metrics
 from kdgate.service.errors import ModelNotFound
 from kdgate.service.routing import Router, Variant
 from kdgate.service.runtime import StudentSession
@@ -22,8 +20,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> StudentSession:
 
 
 def router(session: StudentSession, weights: dict[str, int]) -> Router:
-    metrics = Metrics(CollectorRegistry())
-    variants = {v: Variant("digits", session, v, metrics) for v in weights}
+    variants = {v: Variant("digits", session, v) for v in weights}
     return Router("digits", variants, weights, "x-key")
 
 
@@ -58,8 +55,7 @@ def test_weights_must_cover_100_percent(session: StudentSession) -> None:
 def test_traffic_object_lists_every_version_and_carries_the_shadow_fraction(
     session: StudentSession,
 ) -> None:
-    metrics = Metrics(CollectorRegistry())
-    variants = {v: Variant("digits", session, v, metrics) for v in ("1", "2", "3")}
+    variants = {v: Variant("digits", session, v) for v in ("1", "2", "3")}
     traffic = TrafficSettings(weights={"2": 100}, sticky_header="X-Key", shadow_fraction=0.25)
     r = Router.from_traffic("digits", variants, traffic)
     assert r.shadow_fraction == 0.25 and r.sticky_header == b"x-key"
@@ -72,8 +68,7 @@ def test_traffic_object_lists_every_version_and_carries_the_shadow_fraction(
 def test_sticky_assignment_ignores_the_order_of_the_weights(session: StudentSession) -> None:
     keys = [f"user-{i}".encode() for i in range(500)]
     one = router(session, {"1": 60, "2": 40})
-    metrics = Metrics(CollectorRegistry())
-    variants = {v: Variant("digits", session, v, metrics) for v in ("1", "2")}
+    variants = {v: Variant("digits", session, v) for v in ("1", "2")}
     other = Router("digits", variants, {"2": 40, "1": 60}, "x-key")
     assert [one.pick(k).version for k in keys] == [other.pick(k).version for k in keys]
 

@@ -60,3 +60,8 @@ def test_environment_overrides_nested_shadow_keys(monkeypatch: pytest.MonkeyPatc
     settings = Settings(models=[model()])
     assert settings.shadow.capture.dir == Path("/tmp/capture")
     assert settings.feedback.ttl_seconds == 60
+
+
+def test_the_old_fidelity_window_key_is_refused_with_the_one_to_set() -> None:
+    with pytest.raises(ValidationError, match=r"slo\.window_seconds"):
+        Settings.model_validate({"shadow": {"window_seconds": 60}})

@@ -1,4 +1,5 @@
-"""The in-process SLO monitor (monitoring/slo_monitor.py), driven by a fake clock."""
+"""The in-process SLO monitor (monitoring/slo_monitor.py) over a recent window, driven by a fake
+clock."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics
+from kdgate.monitoring.fidelity import Calibration, Comparison
+from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics, bucket_counts
 from kdgate.monitoring.outbox import Outbox
+from kdgate.monitoring.recent import RecentWindow
+from kdgate.monitoring.recorder import TEACHER_VERSION, FidelityRecorder
 from kdgate.monitoring.slo import Breach, SloConfig, objectives_for
 from kdgate.monitoring.slo_monitor import Monitor, histogram_quantile
 
@@ -40,20 +44,31 @@ def setup() -> tuple[Monitor, Metrics, FakeClock, list[tuple[str, Breach]]]:
     metrics = Metrics(CollectorRegistry())
     clock = FakeClock()
     calls: list[tuple[str, Breach]] = []
+    window = RecentWindow(window_seconds=60, bucket_seconds=10, clock=clock)
     monitor = Monitor(
         {"digits": objectives_for({}, CONFIG, "digits")},
         CONFIG,
         metrics,
+        window,
         on_breach=lambda model, breach: calls.append((model, breach)),
-        clock=clock,
     )
     return monitor, metrics, clock, calls
+
+
+def observe_fidelity(monitor: Monitor, n: int, agreements: float, kl_sum: float) -> None:
+    """`n` compared pairs, `agreements` of them agreeing, with KL summing to `kl_sum`."""
+    agree = np.arange(n) < round(agreements)
+    none = np.zeros(15)
+    calibration = Calibration(none.astype(np.int64), none, none.astype(np.int64))
+    monitor.window.add_comparison(
+        "digits", "1", Comparison(agree, np.full(n, kl_sum / n), calibration)
+    )
 
 
 def step(monitor: Monitor, clock: FakeClock, agreement: float, n: int = 100) -> None:
     """Ten seconds of traffic at the given agreement, then one evaluation."""
     clock.now += 10
-    monitor.observe_fidelity("digits", n, agreement * n, 0.01 * n)
+    observe_fidelity(monitor, n, agreement * n, 0.01 * n)
     monitor.evaluate()
 
 
@@ -111,7 +126,7 @@ def test_flapping_below_k_never_breaches(setup) -> None:
     # use direct control: alternate failing and passing evaluations.
     for i in range(20):
         clock.now += 60  # a whole new window each time
-        monitor.observe_fidelity("digits", 200, (0.5 if i % 2 else 1.0) * 200, 1)
+        observe_fidelity(monitor, 200, (0.5 if i % 2 else 1.0) * 200, 1)
         monitor.evaluate()
     assert calls == []
     assert breached(metrics, "agreement") == 0
@@ -167,56 +182,54 @@ def test_drift_breach(setup) -> None:
     monitor, metrics, clock, calls = setup
     for _ in range(3):
         clock.now += 10
-        monitor.observe_drift("digits", 0.9, rows=500)
+        monitor.window.set_drift("digits", 0.9, rows=500)
         monitor.evaluate()
     assert [b["slo"] for _, b in calls] == ["drift_share"]
     assert calls[0][1]["samples"] == 500
     assert breached(metrics, "drift_share") == 1
 
 
-def test_sample_reads_the_exported_counters(setup) -> None:
-    """Counters -> windowed deltas: the same figures an independent computation gives."""
+def test_reads_the_window_its_producers_feed(setup) -> None:
+    """Recorder and request latency -> the window -> the same figures an independent
+    computation gives."""
     monitor, metrics, clock, _ = setup
     rng = np.random.default_rng(0)
-    kl = rng.exponential(0.02, 300)
+    recorder = FidelityRecorder(metrics, "digits", window=monitor.window)
+    student = rng.normal(0, 2, (300, 10))
+    teacher = student + rng.normal(0, 0.5, (300, 10))
+    recorder.record_comparison("1", student[:150], teacher[:150])
+    recorder.record_comparison("2", student[150:], teacher[150:])
     latencies = rng.exponential(0.01, 400)
-    conf = rng.uniform(0.3, 1.0, 300)
-    correct = rng.uniform(0, 1, 300) < conf - 0.1
-    monitor.sample()  # baseline: nothing yet
-    for version in ("1", "2"):
-        metrics.fidelity_samples.labels("digits", version).inc(150)
-        metrics.fidelity_agreements.labels("digits", version).inc(140)
-    for value in kl:
-        metrics.fidelity_kl.labels("digits", "1").observe(value)
-    for value in latencies:
-        metrics.request_duration.labels("digits", "1").observe(value)
-    bins = np.minimum((conf * 15).astype(int), 14)
-    for b, c, ok in zip(bins, conf, correct, strict=True):
-        labels = ("digits", "1", "teacher", str(b))
-        metrics.calibration_samples.labels(*labels).inc()
-        metrics.calibration_confidence.labels(*labels).inc(c)
-        if ok:
-            metrics.calibration_correct.labels(*labels).inc()
+    upper = np.array([*LATENCY_BUCKETS_SECONDS, np.inf])
+    monitor.window.add_latency("digits", "1", bucket_counts(upper, latencies))
     # The teacher's own label calibration must not count as the student's.
-    metrics.calibration_samples.labels("digits", "teacher", "label", "3").inc(1000)
+    recorder.record_labels(TEACHER_VERSION, teacher, rng.integers(0, 10, 300))
     clock.now += 10
-    monitor.sample()
     monitor.evaluate()
     rows = {r["slo"]: r for r in monitor.status()}
-    assert rows["agreement"]["observed"] == pytest.approx(280 / 300)
+    p_t = np.exp(teacher - teacher.max(1, keepdims=True))
+    p_t /= p_t.sum(1, keepdims=True)
+    p_s = np.exp(student - student.max(1, keepdims=True))
+    p_s /= p_s.sum(1, keepdims=True)
+    assert rows["agreement"]["observed"] == pytest.approx(
+        np.mean(student.argmax(1) == teacher.argmax(1))
+    )
     assert rows["agreement"]["samples"] == 300
-    assert rows["kl_mean"]["observed"] == pytest.approx(kl.sum() / 300)
+    assert rows["kl_mean"]["observed"] == pytest.approx(
+        np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=1)), rel=1e-9
+    )
+    conf = p_s.max(1)
+    correct = student.argmax(1) == teacher.argmax(1)
+    bins = np.minimum((conf * 15).astype(int), 14)
     expected_ece = (
         sum(abs(correct[bins == b].sum() - conf[bins == b].sum()) for b in range(15)) / 300
     )
     assert rows["ece_teacher"]["observed"] == pytest.approx(expected_ece)
     assert rows["ece_label"]["samples"] == 0
     assert rows["p95_latency"]["samples"] == 400
-    # Counters only grow: a second sample with no new traffic adds nothing.
-    clock.now += 10
-    monitor.sample()
-    monitor.evaluate()
-    assert {r["slo"]: r for r in monitor.status()}["agreement"]["samples"] == 300
+    assert rows["p95_latency"]["observed"] == pytest.approx(
+        histogram_quantile(0.95, LATENCY_BUCKETS_SECONDS, bucket_counts(upper, latencies))
+    )
 
 
 def prometheus_quantile(q: float, bounds: list[float], cumulative: list[float]) -> float:
@@ -265,10 +278,10 @@ async def test_run_calls_back_in_a_thread_and_stops() -> None:
         {"digits": objectives_for({}, config)},
         config,
         metrics,
+        RecentWindow(window_seconds=60),
         on_breach=lambda m, b: loop.call_soon_threadsafe(got.put_nowait, (m, b)),
     )
-    metrics.fidelity_samples.labels("digits", "1").inc(100)
-    metrics.fidelity_agreements.labels("digits", "1").inc(10)
+    observe_fidelity(monitor, 100, 10, 1.0)
     stop = asyncio.Event()
     task = asyncio.create_task(monitor.run(stop))
     model, breach = await asyncio.wait_for(got.get(), 5)

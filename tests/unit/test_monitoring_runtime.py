@@ -1,8 +1,13 @@
-"""service/slo_runtime.py: objectives per model, the drift reference, the request-path tap."""
+"""service/monitoring_runtime.py: objectives per model, the drift reference, the drift tap, and
+no drift process unless a drift run needs one."""
 
 from __future__ import annotations
 
 import base64
+import multiprocessing
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +15,14 @@ import pytest
 
 from kdgate.monitoring.drift import InputBuffer
 from kdgate.monitoring.slo import SloConfig, objectives_for
+from kdgate.service.monitoring_runtime import (
+    LazyProcessPool,
+    input_tap,
+    loosest,
+    model_objectives,
+    reference_path,
+)
 from kdgate.service.settings import Settings, default_models_dir, load_settings
-from kdgate.service.slo_runtime import _tap, loosest, model_objectives, reference_path
 
 
 def test_default_pair_keeps_every_default_objective() -> None:
@@ -39,7 +50,7 @@ def test_reference_is_beside_the_first_students_card() -> None:
 
 def test_tap_buffers_matching_matrices_only() -> None:
     buffer = InputBuffer(8, 4)
-    tap = _tap(buffer, 4)
+    tap = input_tap(buffer, 4)
     tap(
         [
             {"input": np.ones((3, 4), np.float32)},
@@ -69,3 +80,65 @@ def test_webhook_url_without_a_secret_is_refused(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("KDGATE_WEBHOOK__URL", "http://127.0.0.1:9/hook")
     with pytest.raises(ValueError, match=r"webhook\.secret"):
         load_settings(environ={})
+
+
+CHILDREN_AFTER_START = """
+import asyncio, os, sys
+from prometheus_client import CollectorRegistry
+from kdgate.service.app import create_app
+from kdgate.service.settings import Settings
+from tests.support.asgi import running
+
+
+def children() -> int:
+    mine = str(os.getpid())
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            count += fields[1] == mine  # field 4 of stat: the parent's pid
+    return count
+
+
+async def main() -> None:
+    settings = Settings.model_validate({"drift": {"enabled": sys.argv[1] == "on"}})
+    async with running(create_app(settings, registry=CollectorRegistry())) as client:
+        assert (await client.get("/v2/health/ready")).status_code == 200
+        await asyncio.sleep(0.2)  # the drift job's first (too small) run has happened
+        print(children())
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("drift", ["on", "off"])
+def test_no_child_process_until_a_drift_run_needs_one(drift: str, tmp_path: Path) -> None:
+    """Drift off, or on with too few inputs to run yet: the gateway has no child process (not
+    even multiprocessing's resource tracker, which a pool's queues would start)."""
+    environ = {**os.environ, "KDGATE_ADMIN__STATE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILDREN_AFTER_START, drift],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "0"
+
+
+def test_the_drift_pool_starts_its_process_at_the_first_run() -> None:
+    pool = LazyProcessPool()
+    assert multiprocessing.active_children() == []
+    try:
+        assert pool.submit(abs, -3).result(timeout=60) == 3
+        assert len(multiprocessing.active_children()) == 1
+    finally:
+        pool.shutdown()
+    assert multiprocessing.active_children() == []

@@ -1,4 +1,5 @@
-"""ModelShadow, the hot-path hook: deterministic sampling, non-blocking drops, feedback kept."""
+"""ModelShadow (service/shadow_tap.py): deterministic sampling, non-blocking drops, feedback
+kept."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kdgate.monitoring.feedback import FeedbackStore
 from kdgate.monitoring.metrics import Metrics
 from kdgate.monitoring.recorder import FidelityRecorder
 from kdgate.monitoring.shadow import ShadowQueue
-from kdgate.service.shadowing import ModelShadow
+from kdgate.service.shadow_tap import ModelShadow
 
 
 def hook(fraction: float, capacity_rows: int = 100) -> tuple[ModelShadow, ShadowQueue, Metrics]:

@@ -1,0 +1,80 @@
+"""The request-path hook of one model: keep every prediction for feedback, shadow a fraction.
+
+`ModelShadow.observe_many` is what the monitoring runtime calls for each settled batch of the
+request log (service/request_log.py), on the event loop: remember each prediction in the model's
+feedback store, and for a deterministic fraction of request ids offer (input, student logits,
+the request span's context) to the bounded shadow queue without waiting. Everything else runs in
+the shadow worker and the teacher's thread (monitoring/shadow.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from kdgate.monitoring.feedback import FeedbackStore
+from kdgate.monitoring.shadow import ShadowQueue, ShadowSample, should_shadow
+
+log = logging.getLogger(__name__)
+
+Arrays = Mapping[str, Any]
+# (request id, version, inputs, outputs, trace context or None) of a successful prediction.
+Observation = tuple[str, str, Arrays, Arrays, Any]
+
+
+class ModelShadow:
+    """Keeps every prediction of one model, shadows a fraction of them.
+
+    `shadow_fraction` returns the model's current fraction: the traffic admin API swaps the
+    model's router (and with it the fraction) at run time, so it is read once per batch.
+    """
+
+    __slots__ = ("feedback", "input_name", "output_name", "queue", "shadow_fraction")
+
+    def __init__(
+        self,
+        feedback: FeedbackStore,
+        queue: ShadowQueue | None,
+        *,
+        shadow_fraction: Callable[[], float],
+        input_name: str,
+        output_name: str,
+    ) -> None:
+        self.feedback = feedback
+        self.queue = queue
+        self.shadow_fraction = shadow_fraction
+        self.input_name = input_name
+        self.output_name = output_name
+
+    @property
+    def fraction(self) -> float:
+        """The shadow fraction in force now."""
+        return self.shadow_fraction() if self.queue is not None else 0.0
+
+    def observe(
+        self, request_id: str, version: str, inputs: Arrays, outputs: Arrays, trace: Any = None
+    ) -> None:
+        """One successful prediction; see `observe_many`."""
+        self.observe_many([(request_id, version, inputs, outputs, trace)])
+
+    def observe_many(self, predictions: Sequence[Observation]) -> None:
+        """Successful predictions, oldest first: never awaits, never raises on a full queue.
+
+        The shadow fraction is read once per call: the predictions of one settle (at most
+        ~10 ms of traffic, service/request_log.py) share it.
+        """
+        try:
+            queue = self.queue
+            fraction = self.shadow_fraction() if queue is not None else 0.0
+            kept = []
+            for request_id, version, inputs, outputs, trace in predictions:
+                logits = outputs[self.output_name]
+                shadowed = False
+                if fraction and queue is not None and should_shadow(request_id, fraction):
+                    rows = inputs[self.input_name]
+                    shadowed = queue.offer(ShadowSample(request_id, version, rows, logits, trace))
+                kept.append((request_id, version, logits, shadowed))
+            self.feedback.put_many(kept)
+        except Exception:  # monitoring must never fail the answer already computed
+            log.exception("shadow/feedback hook failed for %d predictions", len(predictions))
