@@ -125,8 +125,8 @@ class RemoteOipTeacher:
     `timeout_seconds` in total, however slowly the teacher answers, when the client's transport
     is a `monitoring.deadline.DeadlineTransport` (service/monitoring_runtime.py builds it so; on
     another transport it bounds each socket operation only). So a trickling teacher holds the
-    thread for one timeout per batch, shadowing resumes with the next batch once it recovers, and `aclose`
-    returns within one timeout. Answers over `MAX_ANSWER_BYTES` are refused. `version` is what
+    thread for one timeout per batch, shadowing resumes with the next batch once it recovers, and
+    `aclose` returns within one timeout. Answers over `MAX_ANSWER_BYTES` are refused. `version` is what
     the teacher reports as its version; when `model_version` is set, the request is pinned to
     that version on the remote side.
     """
