@@ -122,13 +122,13 @@ class RemoteOipTeacher:
     `infer`, at the lowest priority; the caller's contextvars, e.g. the current trace span, are
     carried over to it). Each `infer` is one `POST {url}/v2/models/{model}[/versions/{v}]/infer`
     with the whole batch as one FP32 tensor (JSON), asking for `output_name` only, ending within
-    `timeout_seconds` in total, however slowly the teacher answers, when the client's transport
-    is a `monitoring.deadline.DeadlineTransport` (service/monitoring_runtime.py builds it so; on
-    another transport it bounds each socket operation only). So a trickling teacher holds the
-    thread for one timeout per batch, shadowing resumes with the next batch once it recovers, and
-    `aclose` returns within one timeout. Answers over `MAX_ANSWER_BYTES` are refused. `version` is what
-    the teacher reports as its version; when `model_version` is set, the request is pinned to
-    that version on the remote side.
+    `timeout_seconds` in total, however slowly the teacher answers, when the client's transport is a
+    `monitoring.deadline.DeadlineTransport` (service/monitoring_runtime.py builds it so; on another
+    transport it bounds each socket operation only). So a trickling teacher holds the thread for one
+    timeout per batch, shadowing resumes with the next batch once it recovers, and `aclose` returns
+    within one timeout. Answers over `MAX_ANSWER_BYTES` are refused. `version` is what the teacher
+    reports as its version; when `model_version` is set, the request is pinned to that version on
+    the remote side.
     """
 
     def __init__(
