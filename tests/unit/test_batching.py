@@ -149,7 +149,7 @@ def test_max_rows_below_two_is_refused(student: StudentSession) -> None:
 
 async def test_each_batch_reports_its_rows_and_first_wait_once(student: StudentSession) -> None:
     registry = CollectorRegistry()
-    variant = Variant("digits", student, "1", Metrics(registry), batch_max_rows=32)
+    variant = Variant("digits", student, "1", batch_max_rows=32, metrics=Metrics(registry))
     assert variant.batcher is not None
     loop = asyncio.get_running_loop()
     tasks = [

@@ -303,9 +303,11 @@ async def test_a_breach_the_outbox_cannot_store_stays_pending_until_it_can(
     def enqueue(model: str, breach: Breach) -> None:
         outbox.enqueue_breach(model, breach["slo"], dict(breach), cooldown_seconds=3600)
 
-    monitor = Monitor({"digits": objectives_for({}, config)}, config, metrics, on_breach=enqueue)
-    metrics.fidelity_samples.labels("digits", "1").inc(100)
-    metrics.fidelity_agreements.labels("digits", "1").inc(10)
+    window = RecentWindow(window_seconds=60, bucket_seconds=10)
+    monitor = Monitor(
+        {"digits": objectives_for({}, config)}, config, metrics, window, on_breach=enqueue
+    )
+    observe_fidelity(monitor, 100, agreements=10, kl_sum=1.0)
     # The outbox's directory is gone and a file sits where it was: nothing can be written.
     shutil.rmtree(outbox.path.parent)
     outbox.path.parent.write_text("not a directory")
