@@ -37,7 +37,7 @@ def setup() -> tuple[Monitor, Metrics, FakeClock, list[tuple[str, Breach]]]:
     clock = FakeClock()
     calls: list[tuple[str, Breach]] = []
     monitor = Monitor(
-        {"digits": objectives_for({}, CONFIG, "digits")},
+        {"digits": objectives_for(None, CONFIG, "digits")},
         CONFIG,
         metrics,
         on_breach=lambda model, breach: calls.append((model, breach)),
@@ -258,7 +258,7 @@ async def test_run_calls_back_in_a_thread_and_stops() -> None:
     got: asyncio.Queue[tuple[str, Breach]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     monitor = Monitor(
-        {"digits": objectives_for({}, config)},
+        {"digits": objectives_for(None, config)},
         config,
         metrics,
         on_breach=lambda m, b: loop.call_soon_threadsafe(got.put_nowait, (m, b)),
