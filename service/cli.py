@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdgate.service.settings import load_settings
+from kdgate.service.settings import Settings, load_settings
 
 GIL_SWITCH_INTERVAL_SECONDS = 0.0002  # CPython's default is 0.005
 
@@ -25,6 +25,15 @@ def serve(args: argparse.Namespace) -> int:
     from kdgate.service.app import create_app
 
     settings = load_settings(args.config)
+    for key, path in missing_cards(settings):
+        # A wheel installed without its package data, or a config naming a moved file: say what
+        # to set instead of failing inside the app's startup with a traceback.
+        print(
+            f"kdgate serve: no model card at {path}; set `{key}` to a card file in a config "
+            "passed with --config FILE (or $KDGATE_CONFIG)",
+            file=sys.stderr,
+        )
+        return 2
     server = settings.server
     # The teachers' worker threads (monitoring/teacher.py) run Python too (encoding, httpx):
     # when one holds the GIL, the event loop gets it back within this time instead of CPython's
@@ -46,6 +55,19 @@ def serve(args: argparse.Namespace) -> int:
     )
     uvicorn.Server(config).run()
     return 0
+
+
+def missing_cards(settings: Settings) -> list[tuple[str, Path]]:
+    """(config key, path) of every local model card the settings name that does not exist."""
+    missing = []
+    for i, model in enumerate(settings.models):
+        for j, student in enumerate(model.students):
+            if not student.card.is_file():
+                missing.append((f"models[{i}].students[{j}].card", student.card))
+        teacher = model.teacher.card if model.teacher is not None else None
+        if teacher is not None and not teacher.is_file():
+            missing.append((f"models[{i}].teacher.card", teacher))
+    return missing
 
 
 def log_config(level: str) -> dict[str, Any]:
