@@ -55,7 +55,11 @@ def vm_rss_kib(pid: int) -> int:
 
 
 def send(url: str, requests: int, *, connections: int, workdir: Path) -> tuple[int, int]:
-    """Send about `requests` digits infers with wrk; (responses, non-2xx) as wrk counted them."""
+    """Send `requests` digits infers with wrk; (responses, non-2xx) as wrk counted them.
+
+    Gives up (TimeoutExpired) when wrk has not seen them all at 200 requests/s plus a minute:
+    a server that died or hangs is reported, not waited for.
+    """
     script = workdir / f"rss-{requests}.lua"
     body = v2_body(payload_row()).decode()
     script.write_text(_LUA % {"body": body, "limit": max(1, requests)})
@@ -66,7 +70,7 @@ def send(url: str, requests: int, *, connections: int, workdir: Path) -> tuple[i
         [binary, "-t1", f"-c{connections}", "-d3600s", "-s", str(script), url],
         capture_output=True,
         text=True,
-        timeout=3600,
+        timeout=60 + requests / 200,
         check=False,
     )
     for line in done.stdout.splitlines():
@@ -93,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         readings = {}
         served = failed = 0
         for target in (args.first, args.total):
-            n, bad = send(url, target - served, connections=args.connections, workdir=Path(tmp))
+            try:
+                n, bad = send(url, target - served, connections=args.connections, workdir=Path(tmp))
+            except (subprocess.TimeoutExpired, RuntimeError) as exc:
+                alive = "running" if server.process.poll() is None else "exited"
+                log = server.output()[-4000:]
+                raise RuntimeError(f"{exc}\nserver {alive}; its log:\n{log}") from exc
             served, failed = served + n, failed + bad
             time.sleep(args.settle_seconds)
             readings[served] = vm_rss_kib(pid)

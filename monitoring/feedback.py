@@ -322,32 +322,37 @@ class FeedbackStore:
     def _free(self, slot: int) -> None:
         """Release a live slot (its id stays in the index until the caller re-points it)."""
         self._live.release(slot)
-        if not self._flags[slot] & INLINE:
-            self._other_student.pop(slot, None)
-            self._other_teacher.pop(slot, None)
-        if self._flags[slot] & PENDING:
-            self._pending.pop(slot, None)
+        flags = self._flags[slot]
+        if flags != INLINE and flags != INLINE | SHADOWED:  # the usual case has nothing aside
+            if not flags & INLINE:
+                self._other_student.pop(slot, None)
+                self._other_teacher.pop(slot, None)
+            if flags & PENDING:
+                self._pending.pop(slot, None)
 
     def _retire(self, slot: int, kind: int) -> None:
         key = self._hash[slot]
         self._free(slot)
-        tomb = self._gone.take()
+        gone = self._gone
+        if gone.count == self.max_size:
+            # Full: the oldest tombstone is forgotten and its slot takes the new one.
+            tomb = gone.head
+            self._index.delete(self._gone_hash[tomb])
+            gone.release(tomb)
+        tomb = gone.take()
         self._gone_hash[tomb] = key
         self._gone_kind[tomb] = kind
         self._index.set(key, self._capacity + tomb)
-        if self._gone.count > self.max_size:
-            oldest = self._gone.head
-            self._index.delete(self._gone_hash[oldest])
-            self._gone.release(oldest)
 
     def _evict(self, now: float) -> None:
         # Age order is insertion order (put re-inserts at the young end): only the head can be due.
-        live, created = self._live, self._created
+        live, created, flags = self._live, self._created, self._flags
+        max_size, ttl = self.max_size, self.ttl_seconds
         while live.count:
             slot = live.head
-            if live.count <= self.max_size and now - created[slot] <= self.ttl_seconds:
+            if live.count <= max_size and now - created[slot] <= ttl:
                 break
-            self._retire(slot, LABELLED if self._flags[slot] & PENDING else EXPIRED)
+            self._retire(slot, LABELLED if flags[slot] & PENDING else EXPIRED)
 
 
 def _as_rows(logits: NDArray[np.float32]) -> NDArray[np.float32]:
