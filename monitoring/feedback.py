@@ -99,6 +99,19 @@ class _Slots:
         self._free.append(slot)
         self.count -= 1
 
+    def renew_oldest(self) -> int:
+        """The oldest slot in use, made the newest (`release` + `take` of it, cheaper)."""
+        slot = self.head
+        if slot != self.tail:
+            nxt = self._next
+            self.head = nxt[slot]
+            self._prev[self.head] = -1
+            self._prev[slot] = self.tail
+            nxt[self.tail] = slot
+            nxt[slot] = -1
+            self.tail = slot
+        return slot
+
 
 class FeedbackStore:
     """At most `max_size` recent predictions, each usable for `ttl_seconds` (see module doc)."""
@@ -336,10 +349,10 @@ class FeedbackStore:
         gone = self._gone
         if gone.count == self.max_size:
             # Full: the oldest tombstone is forgotten and its slot takes the new one.
-            tomb = gone.head
+            tomb = gone.renew_oldest()
             self._index.delete(self._gone_hash[tomb])
-            gone.release(tomb)
-        tomb = gone.take()
+        else:
+            tomb = gone.take()
         self._gone_hash[tomb] = key
         self._gone_kind[tomb] = kind
         self._index.set(key, self._capacity + tomb)
