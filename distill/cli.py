@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     m = result.student.metrics
     print(
-        f"student v{result.student.version}: accuracy {m['accuracy']:.2%} "
-        f"(teacher {m['teacher_accuracy']:.2%}), agreement {m['agreement']:.2%}, "
-        f"KL {m['kl_mean_nats']:.4f} nats, ECE {m['ece']:.4f}, {result.student.bytes} bytes "
-        f"({m['size_ratio']:.0f}x smaller); soft labels "
+        f"student v{result.student.version}: accuracy {m.accuracy:.2%} "
+        f"(teacher {m.teacher_accuracy:.2%}), agreement {m.agreement:.2%}, "
+        f"KL {m.kl_mean_nats:.4f} nats, ECE {m.ece:.4f}, {result.student.bytes} bytes "
+        f"({m.size_ratio:.0f}x smaller); soft labels "
         f"{'from cache' if result.soft_labels_cached else 'computed'}\n"
         f"wrote {result.student_card} (teacher {result.teacher_card})"
     )

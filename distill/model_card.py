@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from kdgate.distill.data import CLASS_LABELS, N_CLASSES, N_FEATURES
 from kdgate.distill.export import INPUT_NAME, OUTPUT_NAME
+from kdgate.monitoring.card_figures import CardFigures
 from kdgate.service.cards import ModelCard, TensorSpec, sha256_file
 
 MODEL_NAME = "digits"
@@ -34,7 +35,7 @@ def build_card(
     parameters: int,
     dataset: dict[str, Any],
     hyperparameters: dict[str, Any],
-    metrics: dict[str, Any],
+    metrics: CardFigures,
     parent_teacher_sha256: str | None = None,
 ) -> ModelCard:
     """A card for the ONNX file at `onnx_path` (its sha256 and size are read from the file)."""

@@ -33,6 +33,7 @@ from kdgate.distill.model_card import build_card
 from kdgate.distill.nets import count_parameters, student_mlp, teacher_cnn
 from kdgate.distill.soft_labels import CacheKey, SoftLabelCache, default_cache_dir, teacher_logits
 from kdgate.distill.train import TrainSettings, fit, seed_everything
+from kdgate.monitoring.card_figures import CardFigures, SplitFigures
 from kdgate.service.cards import ModelCard, load_card, verify_model_file, write_card
 
 Array = npt.NDArray[np.float32]
@@ -144,13 +145,15 @@ def run(config: DistillConfig) -> DistillResult:
                 **asdict(config.student),
                 "training_data": "capture" if config.capture else "digits train split",
             },
-            metrics={
-                **_figures(student_session, split, teacher_session),
-                "teacher_accuracy": measured.teacher_accuracy,
-                "size_ratio": measured.teacher_bytes / measured.student_bytes,
-                "parity_max_abs_diff": parity,
-                "gates": {r.name: r.passed for r in results},
-            },
+            metrics=_figures(
+                student_session,
+                split,
+                teacher_session,
+                teacher_accuracy=measured.teacher_accuracy,
+                size_ratio=measured.teacher_bytes / measured.student_bytes,
+                parity_max_abs_diff=parity,
+                gates={r.name: r.passed for r in results},
+            ),
         )
         write_card(staging / f"{stem}.card.json", card)
         names = [f"{stem}.onnx", f"{stem}.card.json"]
@@ -212,7 +215,7 @@ def _teacher(config: DistillConfig, split: DigitsSplit, staging: Path) -> _Teach
             "optimizer": "Adam, cosine learning-rate decay",
             **asdict(config.teacher),
         },
-        metrics={**_figures(sess, split), "parity_max_abs_diff": parity},
+        metrics=_figures(sess, split, parity_max_abs_diff=parity),
     )
     write_card(staging / "teacher.card.json", card)
     return _Teacher(onnx, config.out / "teacher.card.json", model)
@@ -236,29 +239,35 @@ def _training_set(
 
 
 def _figures(
-    model: ort.InferenceSession, split: DigitsSplit, teacher: ort.InferenceSession | None = None
-) -> dict[str, Any]:
-    """Test-split figures at the top level, validation figures under "validation"."""
+    model: ort.InferenceSession,
+    split: DigitsSplit,
+    teacher: ort.InferenceSession | None = None,
+    **more: Any,
+) -> CardFigures:
+    """Test-split figures flat, validation figures under `validation`, latency, and `more`."""
 
-    def on(part: Part) -> dict[str, float]:
+    def on(part: Part) -> SplitFigures:
         logits = export.run(model, part.inputs)
-        figures = {
-            "accuracy": evaluate.accuracy(logits, part.labels),
-            "ece": evaluate.ece(logits, part.labels),
-        }
+        agreement = kl_mean = None
         if teacher is not None:
             reference = export.run(teacher, part.inputs)
-            figures["agreement"] = evaluate.agreement(logits, reference)
-            figures["kl_mean_nats"] = evaluate.mean_kl(reference, logits)
-        return figures
+            agreement = evaluate.agreement(logits, reference)
+            kl_mean = evaluate.mean_kl(reference, logits)
+        return SplitFigures(
+            accuracy=evaluate.accuracy(logits, part.labels),
+            ece=evaluate.ece(logits, part.labels),
+            agreement=agreement,
+            kl_mean_nats=kl_mean,
+        )
 
-    return {
-        "split": "test",
-        **on(split.test),
-        "validation": on(split.validation),
-        "latency_us_per_row": {
+    return CardFigures(
+        split="test",
+        **on(split.test).model_dump(exclude_none=True),
+        validation=on(split.validation),
+        latency_us_per_row={
             "batch_1": export.latency_us_per_row(model, split.test.inputs, 1),
             "batch_32": export.latency_us_per_row(model, split.test.inputs, 32),
         },
-        "latency_method": "onnxruntime CPU, intra_op_num_threads=1, median of 200 runs",
-    }
+        latency_method="onnxruntime CPU, intra_op_num_threads=1, median of 200 runs",
+        **more,
+    )

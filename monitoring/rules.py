@@ -276,7 +276,7 @@ def render_rules(
     per_model = (
         {name: list(objs) for name, objs in models.items()}
         if isinstance(models, Mapping)
-        else {name: objectives_for({}, slo_config, name) for name in models}
+        else {name: objectives_for(None, slo_config, name) for name in models}
     )
     les = sorted(
         {

@@ -6,6 +6,8 @@ rules rendered by `monitoring.rules` (fleets)::
 
     objectives = {"digits": objectives_for(student_card.metrics, settings.slo, "digits")}
 
+`student_card.metrics` is the card's typed figures (`monitoring.card_figures.CardFigures`).
+
 Each `Objective` records where its value came from (`source`): "config" (set explicitly, globally
 or per model), "default", or "model card (headroom ...)" when the card's measured validation
 figure already misses the default, so that clean traffic from that model does not page.
@@ -13,12 +15,12 @@ figure already misses the default, so that clean traffic from that model does no
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from kdgate.monitoring.card_figures import CardFigures, FigureName
 
 SloName = Literal["agreement", "kl_mean", "ece_teacher", "ece_label", "p95_latency", "drift_share"]
 SLO_NAMES: tuple[SloName, ...] = (
@@ -37,13 +39,12 @@ KL_HEADROOM_FACTOR = 2.0
 ECE_HEADROOM_FACTOR = 2.0
 AGREEMENT_HEADROOM_POINTS = 0.02
 
-# Card metric names read by `objectives_for` (first match wins); `distill/` writes `agreement`,
-# `kl_mean_nats` and `ece` (models/digits/student-v1.card.json).
-CARD_KEYS: dict[str, tuple[str, ...]] = {
-    "agreement": ("agreement", "top1_agreement", "agreement_with_teacher"),
-    "kl_mean": ("kl_mean_nats", "mean_kl", "kl_mean", "mean_kl_nats"),
-    "ece_label": ("ece", "ece_label", "student_ece"),
-    "ece_teacher": ("ece_teacher", "ece_vs_teacher"),
+# The card figure each objective can be derived from; latency and drift have none.
+CARD_FIGURE: dict[SloName, FigureName] = {
+    "agreement": "agreement",
+    "kl_mean": "kl_mean_nats",
+    "ece_label": "ece",
+    "ece_teacher": "ece_teacher",
 }
 
 
@@ -109,31 +110,10 @@ class Breach(TypedDict):
     samples: int
 
 
-def card_figure(card_metrics: Mapping[str, Any], slo: str) -> float | None:
-    """The card's measured figure for `slo`: the validation section's first, else flat or test.
-
-    Objectives follow the validation split (what the model was selected on); `distill/` writes
-    the test figures flat (`metrics.split == "test"`) and the validation ones under `validation`.
-    """
-    sections = [
-        card_metrics[name]
-        for name in ("validation", "val")
-        if isinstance(card_metrics.get(name), Mapping)
-    ] + [card_metrics]
-    if isinstance(card_metrics.get("test"), Mapping):
-        sections.append(card_metrics["test"])
-    for section in sections:
-        for key in CARD_KEYS.get(slo, ()):
-            value = section.get(key)
-            if isinstance(value, int | float) and math.isfinite(value):
-                return float(value)
-    return None
-
-
 def objectives_for(
-    model_card_metrics: Mapping[str, Any], config: SloConfig, model: str | None = None
+    figures: CardFigures | None, config: SloConfig, model: str | None = None
 ) -> list[Objective]:
-    """The six objectives for one model.
+    """The six objectives for one model whose student card records `figures` (None: no card).
 
     Precedence: a per-model override (`config.models[model]`) or an explicitly set global key
     (source "config"); else the default, unless the card's measured figure already misses it, in
@@ -160,7 +140,9 @@ def objectives_for(
         elif key in explicit or (slo == "ece_label" and "ece_max" in explicit):
             source = "config"
         elif config.derive_from_card:
-            objective, source = _from_card(slo, value, card_figure(model_card_metrics, slo))
+            name = CARD_FIGURE.get(slo)
+            measured = figures.measured(name) if figures is not None and name else None
+            objective, source = _from_card(slo, value, measured)
         objectives.append(
             Objective(slo, kind, objective, config.window_seconds, config.min_samples, source)
         )

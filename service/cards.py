@@ -1,7 +1,8 @@
 """Model cards: the JSON file beside every ONNX model, and the only way a model gets loaded.
 
 A card names its ONNX file (relative to the card), the file's sha256, the tensor signature and
-the figures measured when the model was made. `load_card` reads a card and `verify_model_file`
+the figures measured when the model was made (`metrics`, typed by
+`monitoring.card_figures.CardFigures`). `load_card` reads a card and `verify_model_file`
 refuses a file whose bytes do not match the card, so a swapped or truncated model never serves.
 `distill/` writes cards with the same model, so the format has one definition.
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from kdgate.monitoring.card_figures import CardFigures
 
 CARD_SCHEMA_VERSION = 1
 
@@ -47,7 +50,7 @@ class ModelCard(BaseModel):
     parent_teacher_sha256: str | None = None
     dataset: dict[str, Any] = Field(default_factory=dict)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: CardFigures = Field(default_factory=CardFigures)
     created_at: str = ""
     kdgate_version: str = ""
 

@@ -76,6 +76,12 @@ def load_checked(
     except ValueError as exc:  # load_settings' own checks (not a mapping)
         raise ConfigError(_one_line(str(exc))) from None
     problems = card_problems(settings)
+    if problems and path is None:
+        # A wheel installed without its package data: say what to write instead.
+        problems.append(
+            "write a config naming your model cards and pass it with --config FILE "
+            "(or $KDGATE_CONFIG)"
+        )
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
     return settings

@@ -115,7 +115,7 @@ def test_monitor_and_rules_agree_on_one_scenario(promtool: str, tmp_path: Path) 
     config = SloConfig(
         window_seconds=300, min_samples=200, consecutive_breaches=3, evaluate_every_seconds=60
     )
-    objectives = {"digits": objectives_for({}, config, "digits")}
+    objectives = {"digits": objectives_for(None, config, "digits")}
     rules_path = write_rules(render_rules(config, objectives), tmp_path)
 
     class Clock:

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from kdgate.service.cards import (
     ModelCard,
@@ -11,6 +12,7 @@ from kdgate.service.cards import (
     verify_model_file,
     write_card,
 )
+from kdgate.service.settings import default_models_dir
 
 
 def _card(tmp_path: Path, payload: bytes) -> Path:
@@ -45,3 +47,25 @@ def test_tampered_model_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(b"model bytez")
     with pytest.raises(ModelFileMismatch, match="does not match"):
         verify_model_file(path, load_card(path))
+
+
+def test_the_shipped_cards_load_typed_and_write_back_byte_for_byte(tmp_path: Path) -> None:
+    for name in ("student-v1", "teacher"):
+        path = default_models_dir() / "digits" / f"{name}.card.json"
+        card = load_card(path)
+        assert card.metrics.split == "test" and card.metrics.validation is not None
+        assert card.metrics.accuracy is not None and card.metrics.ece is not None
+        write_card(tmp_path / path.name, card)
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes()
+    student = load_card(default_models_dir() / "digits" / "student-v1.card.json").metrics
+    assert student.agreement is not None and student.kl_mean_nats is not None
+    assert student.gates == {"accuracy": True, "agreement": True, "calibration": True, "size": True}
+
+
+def test_a_card_with_a_misspelt_figure_is_refused(tmp_path: Path) -> None:
+    path = _card(tmp_path, b"model bytes")
+    document = json.loads(path.read_text())
+    document["metrics"] = {"split": "test", "agreemnt": 0.99}
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValidationError, match="agreemnt"):
+        load_card(path)

@@ -92,12 +92,12 @@ def test_measured_figures_agree_with_the_cards(
 ) -> None:
     teacher, student = cards
     # A different CPU may round a near-tie the other way: allow one row for counts.
-    assert measured["teacher_accuracy"] == pytest.approx(teacher.metrics["accuracy"], abs=ROW)
-    assert measured["teacher_ece"] == pytest.approx(teacher.metrics["ece"], abs=0.005)
-    assert measured["student_accuracy"] == pytest.approx(student.metrics["accuracy"], abs=ROW)
-    assert measured["agreement"] == pytest.approx(student.metrics["agreement"], abs=ROW)
-    assert measured["student_ece"] == pytest.approx(student.metrics["ece"], abs=0.005)
-    assert measured["kl"] == pytest.approx(student.metrics["kl_mean_nats"], rel=0.05)
+    assert measured["teacher_accuracy"] == pytest.approx(teacher.metrics.accuracy, abs=ROW)
+    assert measured["teacher_ece"] == pytest.approx(teacher.metrics.ece, abs=0.005)
+    assert measured["student_accuracy"] == pytest.approx(student.metrics.accuracy, abs=ROW)
+    assert measured["agreement"] == pytest.approx(student.metrics.agreement, abs=ROW)
+    assert measured["student_ece"] == pytest.approx(student.metrics.ece, abs=0.005)
+    assert measured["kl"] == pytest.approx(student.metrics.kl_mean_nats, rel=0.05)
 
 
 def test_measured_figures_pass_the_gates(

@@ -33,7 +33,7 @@ def test_a_student_trained_from_an_unlabelled_capture(
     assert card.parent_teacher_sha256 == load_card(MODELS / "teacher.card.json").sha256
     assert card.dataset["training"]["sizes"] == {"train": inputs.shape[0], "labelled": 0}
     assert card.hyperparameters["training_data"] == "capture"
-    assert card.metrics["agreement"] >= 0.95
+    assert card.metrics.agreement >= 0.95
     assert not cache.exists()  # the capture's logits were used; the teacher was not run on them
     assert "student v2" in capsys.readouterr().out
 

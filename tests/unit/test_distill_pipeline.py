@@ -31,7 +31,7 @@ def test_second_run_uses_cached_soft_labels_and_makes_the_same_student(tmp_path:
 
     card = load_card(first.student_card)
     assert card.parent_teacher_sha256 == load_card(TEACHER_CARD).sha256
-    assert card.metrics["gates"] == {
+    assert card.metrics.gates == {
         "accuracy": True,
         "agreement": True,
         "calibration": True,

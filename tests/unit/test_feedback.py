@@ -1,11 +1,17 @@
+import tracemalloc
+from typing import Any
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from kdgate.monitoring.feedback import FeedbackStore
 from kdgate.monitoring.metrics import Metrics
 from kdgate.monitoring.recent import RecentWindow
 from kdgate.monitoring.recorder import TEACHER_VERSION, FidelityRecorder
+from tests.support.feedback_reference import ReferenceFeedbackStore
 
 
 class Clock:
@@ -164,4 +170,112 @@ def test_put_is_bounded() -> None:
     for i in range(10_000):
         store.put(str(i), "1", np.zeros(10))
     assert len(store) == 100
-    assert len(store._gone) == 100
+    assert store.tombstones == 100
+
+
+def test_a_full_store_of_50000_predictions_costs_a_few_mib() -> None:
+    n, classes = 50_000, 10
+    logits = np.random.default_rng(0).normal(size=(n, classes)).astype(np.float32)
+    ids = [f"{i:032x}" for i in range(2 * n)]  # uuid-hex-sized ids
+    clock = Clock()
+    tracemalloc.start()
+    try:
+        store = FeedbackStore(
+            FidelityRecorder(Metrics(CollectorRegistry()), "digits"),
+            max_size=n,
+            class_labels=[str(c) for c in range(classes)],
+            clock=clock,
+        )
+        for start in range(0, 2 * n, 64):  # the second n push the first n out as tombstones
+            store.put_many(
+                (ids[i], "1", logits[i % n : i % n + 1], i % 2 == 0)
+                for i in range(start, min(start + 64, 2 * n))
+            )
+        for i in range(n, 2 * n, 2):
+            store.attach_teacher(ids[i], logits[i - n])
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # 4 MiB of it are the float32 logits themselves (student and teacher rows).
+    assert used < 10 * 2**20, f"{used / 2**20:.1f} MiB"
+    assert len(store) == n and store.tombstones == n
+    answer = store.apply_feedback([{"id": ids[0], "label": 1}, {"id": ids[-1], "label": 1}])
+    assert answer["expired"] == [ids[0]] and answer["accepted"] == 1
+
+
+class Calls:
+    """A recorder that keeps each `record_labels` call, to compare two stores' outputs."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[list[float]], list[int]]] = []
+
+    def record_labels(self, version: str, logits: np.ndarray, labels: np.ndarray) -> None:
+        self.calls.append((version, logits.tolist(), labels.tolist()))
+
+
+IDS = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+ROWS = st.sampled_from([(1, 4), (4,), (2, 4)])
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("put"),
+            st.lists(st.tuples(IDS, st.sampled_from(["1", "2"]), ROWS, st.booleans()), max_size=4),
+        ),
+        st.tuples(st.just("teacher"), IDS, ROWS),
+        st.tuples(
+            st.just("feedback"),
+            st.lists(
+                st.tuples(
+                    st.one_of(IDS, st.just(7)),
+                    st.one_of(
+                        st.integers(-1, 4),
+                        st.sampled_from(["x", "y", "z"]),
+                        st.lists(st.integers(0, 3), min_size=1, max_size=3),
+                    ),
+                ),
+                max_size=4,
+            ),
+        ),
+        st.tuples(st.just("wait"), st.sampled_from([0.0, 1.0, 3.0, 6.0])),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(max_size=st.integers(1, 4), operations=OPERATIONS)
+def test_the_compact_store_answers_as_the_reference_model(
+    max_size: int, operations: list[tuple[Any, ...]]
+) -> None:
+    clock = Clock()
+    calls, expected_calls = Calls(), Calls()
+    options: dict[str, Any] = {
+        "max_size": max_size,
+        "ttl_seconds": 5.0,
+        "class_labels": ["x", "y", "z", "w"],
+        "clock": clock,
+    }
+    store = FeedbackStore(calls, **options)  # type: ignore[arg-type]
+    reference = ReferenceFeedbackStore(expected_calls, **options)
+    counter = 0.0
+    for operation in operations:
+        if operation[0] == "put":
+            batch = []
+            for request_id, version, shape, shadowed in operation[1]:
+                counter += 1
+                batch.append((request_id, version, np.full(shape, counter, np.float32), shadowed))
+            store.put_many(batch)
+            reference.put_many(batch)
+        elif operation[0] == "teacher":
+            counter += 1
+            teacher = np.full(operation[2], -counter, np.float32)
+            store.attach_teacher(operation[1], teacher)
+            reference.attach_teacher(operation[1], teacher)
+        elif operation[0] == "feedback":
+            items = [{"id": request_id, "label": label} for request_id, label in operation[1]]
+            assert store.apply_feedback(items) == reference.apply_feedback(items)
+        else:
+            clock.now += operation[1]
+        assert len(store) == len(reference)
+        assert store.tombstones == len(reference._gone)
+        assert calls.calls == expected_calls.calls

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kdgate.monitoring.card_figures import CardFigures
 from kdgate.monitoring.drift import InputBuffer
 from kdgate.monitoring.slo import SloConfig, objectives_for
 from kdgate.service.monitoring_runtime import (
@@ -29,13 +30,13 @@ def test_default_pair_keeps_every_default_objective() -> None:
     ((name, objectives),) = model_objectives(Settings()).items()
     assert name == "digits"
     assert [(o.slo, o.objective, o.source) for o in objectives] == [
-        (o.slo, o.objective, "default") for o in objectives_for({}, SloConfig())
+        (o.slo, o.objective, "default") for o in objectives_for(None, SloConfig())
     ]
 
 
 def test_loosest_objective_across_student_cards() -> None:
-    strict = objectives_for({}, SloConfig())
-    lax = objectives_for({"kl_mean_nats": 0.2, "agreement": 0.9}, SloConfig())
+    strict = objectives_for(None, SloConfig())
+    lax = objectives_for(CardFigures(kl_mean_nats=0.2, agreement=0.9), SloConfig())
     chosen = {o.slo: o for o in loosest([strict, lax])}
     assert chosen["kl_mean"].objective == pytest.approx(0.4)
     assert chosen["agreement"].objective == pytest.approx(0.88)

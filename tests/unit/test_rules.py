@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdgate.monitoring.card_figures import CardFigures
 from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS
 from kdgate.monitoring.rules import (
     BURN_ALERTS,
@@ -67,7 +68,7 @@ def test_burn_rate_thresholds_follow_the_budget() -> None:
 
 def test_card_derived_objectives_reach_the_rules() -> None:
     config = SloConfig()
-    objectives = {"digits": objectives_for({"mean_kl": 0.08}, config, "digits")}
+    objectives = {"digits": objectives_for(CardFigures(kl_mean_nats=0.08), config, "digits")}
     kl = next(
         a for a in alerts(render_rules(config, objectives)) if a["labels"]["slo"] == "kl_mean"
     )

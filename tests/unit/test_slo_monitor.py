@@ -46,7 +46,7 @@ def setup() -> tuple[Monitor, Metrics, FakeClock, list[tuple[str, Breach]]]:
     calls: list[tuple[str, Breach]] = []
     window = RecentWindow(window_seconds=60, bucket_seconds=10, clock=clock)
     monitor = Monitor(
-        {"digits": objectives_for({}, CONFIG, "digits")},
+        {"digits": objectives_for(None, CONFIG, "digits")},
         CONFIG,
         metrics,
         window,
@@ -275,7 +275,7 @@ async def test_run_calls_back_in_a_thread_and_stops() -> None:
     got: asyncio.Queue[tuple[str, Breach]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     monitor = Monitor(
-        {"digits": objectives_for({}, config)},
+        {"digits": objectives_for(None, config)},
         config,
         metrics,
         RecentWindow(window_seconds=60),
@@ -305,7 +305,7 @@ async def test_a_breach_the_outbox_cannot_store_stays_pending_until_it_can(
 
     window = RecentWindow(window_seconds=60, bucket_seconds=10)
     monitor = Monitor(
-        {"digits": objectives_for({}, config)}, config, metrics, window, on_breach=enqueue
+        {"digits": objectives_for(None, config)}, config, metrics, window, on_breach=enqueue
     )
     observe_fidelity(monitor, 100, agreements=10, kl_sum=1.0)
     # The outbox's directory is gone and a file sits where it was: nothing can be written.
