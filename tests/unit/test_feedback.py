@@ -197,7 +197,8 @@ def test_a_full_store_of_50000_predictions_costs_a_few_mib() -> None:
     finally:
         tracemalloc.stop()
     # 4 MiB of it are the float32 logits themselves (student and teacher rows).
-    assert used < 10 * 2**20, f"{used / 2**20:.1f} MiB"
+    # ~9 MiB of it the id index (a dict of 64-bit hashes; monitoring/id_index.py).
+    assert used < 20 * 2**20, f"{used / 2**20:.1f} MiB"
     assert len(store) == n and store.tombstones == n
     answer = store.apply_feedback([{"id": ids[0], "label": 1}, {"id": ids[-1], "label": 1}])
     assert answer["expired"] == [ids[0]] and answer["accepted"] == 1
