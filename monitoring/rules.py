@@ -84,7 +84,7 @@ def check_runbook_base(url: str) -> str:
 
 
 def runbook_url(base: str, runbook: str) -> str:
-    """The link to runbook `<runbook>.md` (docs/runbooks) under `base` (see `check_runbook_base`)."""
+    """The link to runbook `<runbook>.md` (docs/runbooks) under `base` (`check_runbook_base`)."""
     return f"{check_runbook_base(base)}/{runbook}.md"
 
 
