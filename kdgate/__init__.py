@@ -8,8 +8,10 @@ kdgate claims no generic top-level names (`service`, `monitoring`) in a user's e
     kdgate.monitoring   fidelity maths, instruments, windows, drift, outbox + webhook
     kdgate.distill      teacher -> student -> ONNX -> gates -> model card (needs the `train` extra)
     kdgate/models       the embedded default model pair (package data)
+    kdgate/runbooks     the alerts' runbooks, docs/runbooks (package data, served at /runbooks)
 """
 
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+RUNBOOKS_DIR = Path(__file__).resolve().parent / "runbooks"

@@ -21,8 +21,9 @@ per model), and annotations `summary`, `description`, `runbook_url`, `observed`,
 
 `runbook_url` is a link, `<runbook base>/<runbook>.md`: Alertmanager receivers and Grafana render
 it as one, so a repository path would be a dead link. The base defaults to
-`DEFAULT_RUNBOOK_BASE` (the runbooks of this repository); `kdgate rules --runbook-base URL` points
-it at your own copy (a wiki, an internal Git host).
+`DEFAULT_RUNBOOK_BASE`, a gateway's own `GET /runbooks` (service/runbooks.py) where `make stack`
+and docker compose publish it; `kdgate rules --runbook-base URL` points it at the gateway's
+external URL or your own copy (a wiki, an internal Git host).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from kdgate.monitoring.slo import Objective, SloConfig, objectives_for
 from kdgate.monitoring.slo_monitor import le_label
 
 RULES_FILE = "kdgate-slo.rules.yml"
-DEFAULT_RUNBOOK_BASE = "https://github.com/kdgate/kdgate/blob/main/docs/runbooks"
+# The gateway serves its runbooks; `make stack` and docker compose publish it on localhost:8000.
+DEFAULT_RUNBOOK_BASE = "http://localhost:8000/runbooks"
 LATENCY_TARGET = 0.95  # the latency objective is a P95: 5 % of requests may be slower
 BURN_WINDOWS = ("5m", "30m", "1h", "6h", "3d")
 # severity -> (burn factor, long window, short window) pairs that fire it (either pair), and `for`.
@@ -82,7 +84,7 @@ def check_runbook_base(url: str) -> str:
 
 
 def runbook_url(base: str, runbook: str) -> str:
-    """The link to `docs/runbooks/<runbook>.md` under `base` (see `check_runbook_base`)."""
+    """The link to runbook `<runbook>.md` (docs/runbooks) under `base` (`check_runbook_base`)."""
     return f"{check_runbook_base(base)}/{runbook}.md"
 
 

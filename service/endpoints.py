@@ -1,4 +1,4 @@
-"""FastAPI routes: health, metadata, /metrics, and the documented infer endpoints.
+"""FastAPI routes: health, metadata, /metrics, the runbooks, and the documented infer endpoints.
 
 The infer routes call the same `Inference.handle` the raw ASGI fast path calls (service/app.py
 puts the fast path in front, so in production these routes document the endpoints and serve
@@ -19,6 +19,8 @@ from kdgate.service import schemas
 from kdgate.service.errors import NotReady
 from kdgate.service.inference import MODEL_VERSION, Inference, Reply
 from kdgate.service.routing import Router
+from kdgate.service.runbooks import MEDIA_TYPE as MARKDOWN
+from kdgate.service.runbooks import Runbooks
 from kdgate.service.state import ServingState
 
 SERVER_NAME = "kdgate"
@@ -96,10 +98,14 @@ def _router_for(state: ServingState, model: str, version: str | None) -> Router:
     return state.router(model)
 
 
-def build_router(state: ServingState, inference: Inference) -> APIRouter:
-    """All routes of the app, bound to one serving state."""
+def build_router(
+    state: ServingState, inference: Inference, runbooks: Runbooks | None = None
+) -> APIRouter:
+    """All routes of the app, bound to one serving state; `runbooks` defaults to the shipped
+    ones (read here, once per app)."""
     api = APIRouter(responses=_ERRORS)
     server_version = package_version()
+    books = Runbooks.load() if runbooks is None else runbooks
 
     @api.get("/", response_model=schemas.V1Live, tags=["v1"], summary="V1 liveness")
     async def root() -> dict[str, str]:
@@ -210,5 +216,30 @@ def build_router(state: ServingState, inference: Inference) -> APIRouter:
     @api.get("/metrics", tags=["monitoring"], response_class=Response)
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # The alerts' runbook_url and the dashboards' panel links point here by default
+    # (service/runbooks.py): public operator docs, so the main port serves them.
+    @api.get("/runbooks", tags=["monitoring"], summary="The runbooks the alerts link to")
+    async def runbook_index() -> dict[str, list[dict[str, str]]]:
+        return {"runbooks": books.index("/runbooks")}
+
+    @api.get(
+        "/runbooks/{name}",
+        tags=["monitoring"],
+        summary="One runbook, as markdown",
+        response_class=Response,
+        responses={
+            200: {"content": {MARKDOWN: {}}},
+            404: _ERRORS[404] | {"description": "no runbook of that name"},
+        },
+    )
+    async def runbook(name: str) -> Response:
+        book = books.get(name)
+        if book is None:
+            return JsonResponse({"error": f"no runbook {name!r}: GET /runbooks lists them"}, 404)
+        # nosniff: a browser shows it as the text it is, whatever the markdown contains.
+        return Response(
+            book.text, media_type=MARKDOWN, headers={"x-content-type-options": "nosniff"}
+        )
 
     return api

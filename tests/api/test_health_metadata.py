@@ -137,7 +137,7 @@ async def test_openapi_documents_every_endpoint(client: httpx.AsyncClient) -> No
         "/v2/models/{model}/ready", "/v2/models/{model}/versions/{version}",
         "/v2/models/{model}/versions/{version}/ready", "/v2/models/{model}/infer",
         "/v2/models/{model}/versions/{version}/infer", "/v1/models", "/v1/models/{model}",
-        "/v1/models/{model}:predict", "/metrics",
+        "/v1/models/{model}:predict", "/metrics", "/runbooks", "/runbooks/{name}",
     ]:  # fmt: skip
         assert path in paths, path
     body = paths["/v2/models/{model}/infer"]["post"]["requestBody"]["content"]

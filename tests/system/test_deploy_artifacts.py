@@ -348,3 +348,33 @@ def test_replicas_spread_over_nodes_and_zones() -> None:
     for constraint in spread:
         assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
         assert constraint["maxSkew"] == 1
+
+
+def runbook_links(docs: list[dict[str, Any]]) -> list[str]:
+    (rule,) = (d for d in docs if d["kind"] == "PrometheusRule")
+    return [
+        r["annotations"]["runbook_url"]
+        for group in rule["spec"]["groups"]
+        for r in group["rules"]
+        if "alert" in r
+    ]
+
+
+def test_production_overlay_sets_the_runbook_base(tmp_path: Path) -> None:
+    # As shipped: the default base, the gateway's own /runbooks (through a port-forward).
+    shipped = runbook_links(kustomize(KUBERNETES / "overlays" / "production"))
+    assert shipped == runbook_links(kustomize(KUBERNETES / "base"))
+    assert shipped and all(url.startswith(DEFAULT_RUNBOOK_BASE + "/") for url in shipped)
+    # An operator's value replaces what comes before /runbooks/ in every link, nothing else.
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, copy)
+    kustomization = copy / "overlays" / "production" / "kustomization.yaml"
+    default = "base=http://localhost:8000"
+    assert default in kustomization.read_text() and DEFAULT_RUNBOOK_BASE.startswith(default[5:])
+    kustomization.write_text(
+        kustomization.read_text().replace(default, "base=https://kdgate.example.com")
+    )
+    wanted = [
+        url.replace("http://localhost:8000/", "https://kdgate.example.com/") for url in shipped
+    ]
+    assert runbook_links(kustomize(copy / "overlays" / "production")) == wanted
