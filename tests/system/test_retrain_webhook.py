@@ -163,3 +163,35 @@ def test_pending_webhook_survives_receiver_outage_and_sigkill_with_the_same_id(
     assert delivery.verified
     assert delivery.payload == before.payload
     assert delivery.at - started >= 30
+
+
+def test_an_incident_open_when_the_gateway_is_killed_is_sent_once_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL during the grouping window: the open request is already in the outbox; the next
+    process sends it when the window closes, under the same webhook-id, and the breaches it
+    detects again join it or fall in the cooldown: one request in all."""
+    with webhook_receiver(SECRET) as receiver:
+        config = write_slo_config(
+            tmp_path, webhook_url=receiver.url, secret=SECRET, group_wait_seconds=30
+        )
+        outbox = Outbox(tmp_path / "outbox.sqlite3")
+        with live_server(config) as gateway, traffic(gateway.url, "invert", seed=2):
+            wait_until(lambda: outbox.entries() != [], 60, "an incident opened")
+            (opened,) = outbox.entries()
+            assert opened.open_until is not None and opened.open_until > time.time() + 5
+            gateway.process.kill()  # SIGKILL inside the window: no shutdown code runs
+            gateway.process.wait(timeout=10)
+        before = {b["slo"] for b in opened.payload["data"]["breaches"]}
+        assert receiver.received() == []
+
+        with live_server(config) as gateway, traffic(gateway.url, "invert", seed=3):
+            (delivery,) = receiver.wait_for(1, deadline_seconds=60)
+            time.sleep(10)  # breaches the new process detects must not make a second request
+            assert len(receiver.received()) == 1, [d.payload for d in receiver.received()]
+
+    assert delivery.id == opened.id
+    assert Webhook(SECRET).verify(delivery.body, delivery.headers)
+    sent = [b["slo"] for b in delivery.payload["data"]["breaches"]]
+    assert before <= set(sent) and len(sent) == len(set(sent)), sent
+    assert "follows" not in delivery.payload["data"]
