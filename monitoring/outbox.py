@@ -5,8 +5,18 @@ delivers it until the receiver answers 2xx, across restarts: the entry's `id` is
 `webhook-id` header, so every retry — also after a crash — carries the same idempotency key.
 
     outbox = Outbox(Path("state/outbox.sqlite3"))
-    entry_id = outbox.enqueue_breach("digits", "kl_mean", payload, cooldown_seconds=3600)
+    queued = outbox.enqueue_breach("digits", "kl_mean", payload, cooldown_seconds=3600,
+                                   group_wait_seconds=60)
     outbox.enqueue(payload, dedup_key="alertmanager:<fingerprint>:<startsAt>", model="digits")
+
+One request per incident: a monitor breach opens an *incident* entry for its model that stays
+open for `group_wait_seconds` (Alertmanager's `group_wait`); the breaches of the model's other
+SLOs that arrive meanwhile are appended to its `data.breaches`. The open entry is already in the
+file, so a restart during the window loses nothing; it is sealed (`open_until` cleared) when the
+notifier first claims it, which happens only once the window has closed, so the body never
+changes after its first delivery attempt. A breach of another SLO of the same model after the
+seal but within `cooldown_seconds` opens a follow-up entry whose `data.follows` names the
+incident's first request.
 
 Every method is blocking file I/O (and an fsync on commit): call it from a worker thread
 (`await asyncio.to_thread(outbox.enqueue, ...)`), never on the event loop. Each call opens its own
@@ -62,7 +72,8 @@ CREATE TABLE IF NOT EXISTS outbox (
                     CHECK (status IN ('pending', 'delivered', 'failed')),
     payload         TEXT NOT NULL,         -- the exact JSON body that is signed and sent
     last_error      TEXT,
-    finished_at     REAL
+    finished_at     REAL,
+    open_until      REAL                   -- unix seconds; an open incident takes breaches
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_cooldown ON outbox (model, slo, created);
@@ -83,11 +94,24 @@ class OutboxEntry:
     status: Status
     body: bytes
     last_error: str | None
+    open_until: float | None = None  # set while the entry is an open incident
 
     @property
     def payload(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.body)
         return result
+
+
+@dataclass(frozen=True)
+class BreachQueued:
+    """Where `Outbox.enqueue_breach` put a breach: `entry_id` is the request's webhook-id;
+    `joined` when it was added to an open incident; `sends_at` (unix seconds) when the incident
+    closes and becomes deliverable; `follows` the first request of the incident it follows up."""
+
+    entry_id: str
+    joined: bool
+    sends_at: float
+    follows: str | None = None
 
 
 def new_message_id() -> str:
@@ -105,7 +129,7 @@ class Outbox:
         self.path = Path(path)
         self._clock = clock
         self._created = False  # after the first creation, a missing file is an incident
-        self._run(lambda db: None)
+        self._run(_upgrade)
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` on a fresh connection; a deleted file is recreated, a corrupt or empty one
@@ -197,7 +221,7 @@ class Outbox:
         many seconds ago. `entry_id` (the webhook-id) defaults to a fresh `new_message_id()`.
         """
         now = self._clock()
-        body = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+        body = _dump(payload)
         new_id = entry_id or new_message_id()
 
         def insert(db: sqlite3.Connection) -> bool:
@@ -220,19 +244,79 @@ class Outbox:
         return new_id if self._run(insert) else None
 
     def enqueue_breach(
-        self, model: str, slo: str, payload: Mapping[str, Any], *, cooldown_seconds: float
-    ) -> str | None:
-        """Enqueue a monitor breach unless (model, slo) asked within `cooldown_seconds`."""
-        dedup_key = f"breach:{model}:{slo}:{uuid.uuid4().hex}"
-        return self.enqueue(
-            payload, dedup_key=dedup_key, model=model, slo=slo, cooldown_seconds=cooldown_seconds
-        )
+        self,
+        model: str,
+        slo: str,
+        payload: Mapping[str, Any],
+        *,
+        cooldown_seconds: float,
+        group_wait_seconds: float = 0.0,
+    ) -> BreachQueued | None:
+        """Store a monitor breach (`payload`: a retrain payload naming it in `data.breaches`).
+
+        Refused (None) when a request of `model` created within `cooldown_seconds`, or its open
+        incident, already names `slo`. Else the breach joins the model's open incident, or opens
+        a new one that takes breaches for `group_wait_seconds` (0: none, deliverable at once).
+        A new incident within the cooldown of an earlier request of the model is a follow-up:
+        its payload gets `data.follows`, the webhook-id of the first request of that incident.
+        """
+        now = self._clock()
+        group_wait = max(group_wait_seconds, 0.0)
+
+        def store(db: sqlite3.Connection) -> BreachQueued | None:
+            with _transaction(db):
+                recent = db.execute(
+                    "SELECT id, slo, payload, open_until FROM outbox WHERE model = ?"
+                    " AND (created > ? OR open_until > ?) ORDER BY created",
+                    (model, now - cooldown_seconds, now),
+                ).fetchall()
+                if any(slo in _slos(row_slo, body) for _, row_slo, body, _ in recent):
+                    return None
+                open_ = [(i, body, until) for i, _, body, until in recent if until and until > now]
+                if open_:
+                    entry_id, body, until = open_[-1]
+                    merged = json.loads(body)
+                    data = merged.setdefault("data", {})
+                    data["breaches"] = [*_breaches(merged), *_breaches(payload)]
+                    db.execute(
+                        "UPDATE outbox SET payload = ? WHERE id = ?", (_dump(merged), entry_id)
+                    )
+                    return BreachQueued(entry_id, True, until, data.get("follows"))
+                follows = None
+                if recent:
+                    entry_id, _, body, _ = recent[-1]
+                    data = json.loads(body).get("data")
+                    follows = (data.get("follows") if isinstance(data, dict) else None) or entry_id
+                document = json.loads(json.dumps(payload))
+                if follows is not None:
+                    document.setdefault("data", {})["follows"] = follows
+                new_id = new_message_id()
+                sends_at = now + group_wait
+                db.execute(
+                    "INSERT INTO outbox (id, dedup_key, model, slo, created, next_attempt_at,"
+                    " payload, open_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        new_id,
+                        f"breach:{model}:{slo}:{uuid.uuid4().hex}",
+                        model,
+                        slo,
+                        now,
+                        sends_at,
+                        _dump(document),
+                        sends_at if group_wait > 0 else None,
+                    ),
+                )
+                return BreachQueued(new_id, False, sends_at, follows)
+
+        return self._run(store)
 
     def claim_due(self, limit: int = 16, lease_seconds: float = 60.0) -> list[OutboxEntry]:
         """Pending entries whose `next_attempt_at` has come, oldest first, leased for delivery.
 
         The lease moves `next_attempt_at` forward by `lease_seconds`, so a second notifier on
         the same file skips them, and an entry whose deliverer died is retried after the lease.
+        An open incident is due once its window has closed; claiming it seals it, in the same
+        transaction, so no breach joins a body that may already have been sent.
         """
         now = self._clock()
 
@@ -244,7 +328,7 @@ class Outbox:
                     (now, limit),
                 ).fetchall()
                 db.executemany(
-                    "UPDATE outbox SET next_attempt_at = ? WHERE id = ?",
+                    "UPDATE outbox SET next_attempt_at = ?, open_until = NULL WHERE id = ?",
                     [(now + lease_seconds, row[0]) for row in rows],
                 )
             return rows
@@ -296,6 +380,33 @@ class Outbox:
         return [_entry(row) for row in rows]
 
 
+def _dump(payload: Mapping[str, Any]) -> str:
+    """The stored (and sent) JSON of a payload: compact, keys sorted."""
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True)
+
+
+def _breaches(document: Any) -> list[Any]:
+    """`data.breaches` of a payload ([] for one without it)."""
+    data = document.get("data") if isinstance(document, Mapping) else None
+    breaches = data.get("breaches") if isinstance(data, Mapping) else None
+    return list(breaches) if isinstance(breaches, list) else []
+
+
+def _slos(slo: str | None, body: str) -> set[str | None]:
+    """The SLOs an entry asks about: its `slo` column and every breach in its payload."""
+    return {slo, *(b.get("slo") for b in _breaches(json.loads(body)) if isinstance(b, dict))}
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Add the columns a file made by an older kdgate lacks (its entries stay as they are)."""
+    with _transaction(db):  # two processes upgrading one file: the second finds the column
+        columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+        if not columns:
+            db.execute("SELECT 1 FROM outbox")  # no table: raises, and _run repairs the file
+        if "open_until" not in columns:
+            db.execute("ALTER TABLE outbox ADD COLUMN open_until REAL")
+
+
 def _error_code(exc: sqlite3.Error) -> int:
     """The primary SQLite result code of `exc` (extended codes carry it in the low byte)."""
     return int(getattr(exc, "sqlite_errorcode", 0)) & 0xFF
@@ -325,7 +436,7 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:
-    (entry_id, dedup_key, model, slo, created, next_at, attempts, status, payload, error, _) = row
+    (entry_id, dedup_key, model, slo, created, next_at, attempts, status, payload, error) = row[:10]
     return OutboxEntry(
         id=entry_id,
         dedup_key=dedup_key,
@@ -337,4 +448,5 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
         status=status,
         body=payload.encode(),
         last_error=error,
+        open_until=row[11],
     )

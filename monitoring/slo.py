@@ -2,7 +2,9 @@
 
 One `SloConfig` (the `slo:` section of the service settings) drives two evaluators: the in-process
 `monitoring.slo_monitor.Monitor` (single node: it asks for the retrain itself) and the Prometheus
-rules rendered by `monitoring.rules` (fleets)::
+rules rendered by `monitoring.rules` (fleets). `evaluator` says which one asks for retrains: with
+"fleet" the in-process monitor still evaluates and exports, and retrain requests come only from
+Alertmanager through `POST /v1/hooks/alertmanager`, once for the whole fleet::
 
     objectives = {"digits": objectives_for(student_card.metrics, settings.slo, "digits")}
 
@@ -21,6 +23,8 @@ from typing import Literal, TypedDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdgate.monitoring.card_figures import CardFigures, FigureName
+
+Evaluator = Literal["local", "fleet"]
 
 SloName = Literal["agreement", "kl_mean", "ece_teacher", "ece_label", "p95_latency", "drift_share"]
 SLO_NAMES: tuple[SloName, ...] = (
@@ -82,6 +86,11 @@ class SloConfig(SloOverrides):
     consecutive_breaches: int = Field(default=3, ge=1, description="k for hysteresis")
     window_buckets: int = Field(default=30, ge=1, description="time buckets per window")
     derive_from_card: bool = True
+    evaluator: Evaluator = Field(
+        default="local",
+        description="who asks for retrains: local = this process's monitor, "
+        "fleet = Prometheus rules + Alertmanager (the monitor only evaluates and exports)",
+    )
     models: dict[str, SloOverrides] = Field(default_factory=dict)
 
 

@@ -18,6 +18,9 @@ Delivery::
     task = asyncio.create_task(notifier.run())      # lifespan start; task.cancel() at stop
     await asyncio.to_thread(outbox.enqueue_breach, ...); notifier.wake()
 
+An open incident (`Outbox.enqueue_breach` with a grouping window) is not due until its window
+closes: the notifier's next poll after that claims, seals and sends it.
+
 2xx marks the entry delivered (`kdgate_retrain_requests_total{outcome="delivered"}`); anything
 else, or no answer, schedules a retry with exponential backoff and full jitter (`retried`); an
 entry older than `max_age_seconds` that fails again is marked failed (`failed`). State lives in
@@ -75,6 +78,12 @@ class WebhookConfig(BaseModel):
         default=Path("state/outbox.sqlite3"), description="SQLite outbox; relative to the cwd"
     )
     cooldown_seconds: float = Field(default=3600, ge=0, description="per model and SLO")
+    # Alertmanager's group_wait: one incident's breaches arrive over tens of seconds (the
+    # fidelity SLOs at one evaluation, drift share at the drift job's next run, every 60 s by
+    # default), and one request carrying them all is worth a minute's delay to a retrain.
+    group_wait_seconds: float = Field(
+        default=60, ge=0, description="breaches of one model within it: one request"
+    )
     backoff_base_seconds: float = Field(default=1.0, gt=0)
     backoff_cap_seconds: float = Field(default=300.0, gt=0)
     max_age_seconds: float = Field(default=86400.0, gt=0, description="then marked failed")

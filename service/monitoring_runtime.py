@@ -267,7 +267,7 @@ class MonitoringRuntime:
             self.settings.slo,
             self.metrics,
             self.window,
-            on_breach=self._on_breach if self.settings.webhook.url is not None else None,
+            on_breach=self._on_breach if self._monitor_requests_retrains else None,
         )
         self._tasks.append(asyncio.create_task(self.monitor.run(self._stop)))
         for job in self.drift_jobs.values():
@@ -278,8 +278,11 @@ class MonitoringRuntime:
             self.notifier = Notifier(self.outbox, self._client, self.settings.webhook, self.metrics)
             self._notifier_task = asyncio.create_task(self.notifier.run())
         log.info(
-            "SLO monitor on for %s; drift for %s; webhook %s",
+            "SLO monitor on for %s (retrain requests from %s); drift for %s; webhook %s",
             sorted(objectives),
+            "this monitor"
+            if self.settings.slo.evaluator == "local"
+            else "Alertmanager only (slo.evaluator: fleet)",
             sorted(self.drift_jobs),
             "on" if self.notifier else "off (webhook.url is null)",
         )
@@ -332,8 +335,15 @@ class MonitoringRuntime:
         if self.notifier is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self.notifier.wake)
 
+    @property
+    def _monitor_requests_retrains(self) -> bool:
+        # In a fleet every replica's monitor sees the same incident: Prometheus rules over all
+        # replicas ask once, through Alertmanager and the hook, so the monitors only evaluate.
+        return self.settings.webhook.url is not None and self.settings.slo.evaluator == "local"
+
     def _on_breach(self, model: str, breach: Breach) -> None:
-        """Monitor callback (worker thread): the breach into the outbox, then wake the notifier."""
+        """Monitor callback (worker thread): the breach into the outbox (one request per
+        incident: it may join the model's open one), then wake the notifier."""
         assert self.outbox is not None
         versions = self._versions[model]
         payload = retrain_payload(
@@ -343,15 +353,34 @@ class MonitoringRuntime:
             teacher_version=versions.teacher,
             links=LINKS,
         )
-        entry = self.outbox.enqueue_breach(
-            model, breach["slo"], payload, cooldown_seconds=self.settings.webhook.cooldown_seconds
+        webhook = self.settings.webhook
+        queued = self.outbox.enqueue_breach(
+            model,
+            breach["slo"],
+            payload,
+            cooldown_seconds=webhook.cooldown_seconds,
+            group_wait_seconds=webhook.group_wait_seconds,
         )
-        if entry is None:
-            log.info(
-                "SLO %s of %s breached again within the cooldown: not re-sent", breach["slo"], model
+        slo = breach["slo"]
+        if queued is None:
+            log.info("SLO %s of %s breached again within the cooldown: not re-sent", slo, model)
+            return
+        if queued.joined:
+            log.warning(
+                "SLO %s of %s breached: added to the open retrain request %s",
+                slo,
+                model,
+                queued.entry_id,
             )
             return
-        log.warning("SLO %s of %s breached: retrain request %s queued", breach["slo"], model, entry)
+        log.warning(
+            "SLO %s of %s breached: retrain request %s queued%s, sent in %.0f s",
+            slo,
+            model,
+            queued.entry_id,
+            "" if queued.follows is None else f" (follows {queued.follows})",
+            webhook.group_wait_seconds,
+        )
         self.wake_notifier()
 
     # -- building ------------------------------------------------------------------------------

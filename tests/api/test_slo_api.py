@@ -3,7 +3,10 @@ in process."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kdgate.monitoring.alertmanager import MAX_ALERTS
+from kdgate.monitoring.fidelity import compare
 from kdgate.monitoring.outbox import Outbox
 from kdgate.monitoring.slo import SLO_NAMES
 from kdgate.service.app import create_app
@@ -173,3 +177,63 @@ async def test_hook_answers_503_with_retry_after_while_the_outbox_is_unusable(
     outbox.parent.unlink()
     answer = await client.post("/v1/hooks/alertmanager", json=body, headers=AUTH)
     assert answer.status_code == 202 and len(answer.json()["queued"]) == 1  # a new file
+
+
+@pytest.mark.parametrize("evaluator", ["local", "fleet"])
+async def test_in_fleet_mode_the_monitor_evaluates_and_exports_but_does_not_enqueue(
+    tmp_path: Path, evaluator: str
+) -> None:
+    outbox_path = tmp_path / "outbox.sqlite3"
+    secret = "whsec_" + base64.b64encode(b"fleet test signing key 32 bytes!").decode()
+    settings = Settings.model_validate(
+        {
+            "drift": {"enabled": False},
+            "slo": {
+                "evaluator": evaluator,
+                "min_samples": 10,
+                "consecutive_breaches": 1,
+                "evaluate_every_seconds": 0.05,
+            },
+            "admin": {"token": TOKEN, "state_dir": str(tmp_path / "admin")},
+            # Nothing is sent while the incident is open: the test reads the outbox itself.
+            "webhook": {
+                "url": "http://127.0.0.1:9/retrain",
+                "secret": secret,
+                "outbox_path": str(outbox_path),
+                "group_wait_seconds": 3600,
+            },
+        }
+    )
+    registry = CollectorRegistry()
+    app = create_app(settings, registry=registry)
+    async with running(app) as client:
+        teacher = np.random.default_rng(0).normal(0, 3, (50, 10))
+        app.state.monitoring.window.add_comparison("digits", "1", compare(-teacher, teacher))
+        deadline = time.monotonic() + 10
+        while (await client.get("/v1/slo")).json()["slos"][0]["status"] != "breached":
+            assert time.monotonic() < deadline, "the monitor never saw the breach"
+            await asyncio.sleep(0.05)
+        assert (
+            registry.get_sample_value(
+                "kdgate_slo_breached", {"model": "digits", "slo": "agreement"}
+            )
+            == 1
+        )
+        outbox = Outbox(outbox_path)
+        if evaluator == "local":
+            breached = {"agreement", "kl_mean", "ece_teacher"}
+
+            def queued() -> list[set[str]]:
+                return [{b["slo"] for b in e.payload["data"]["breaches"]} for e in outbox.entries()]
+
+            while queued() != [breached]:  # one request: the three join the open incident
+                assert time.monotonic() < deadline, f"not one request for {breached}: {queued()}"
+                await asyncio.sleep(0.05)
+        else:
+            await asyncio.sleep(0.5)  # ten evaluations more: still nothing queued
+            assert outbox.entries() == []
+            # Alertmanager's path still queues: in a fleet it is the one that asks.
+            answer = await client.post(
+                "/v1/hooks/alertmanager", json={"alerts": [alert()]}, headers=AUTH
+            )
+            assert answer.status_code == 202 and len(answer.json()["queued"]) == 1

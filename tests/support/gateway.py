@@ -29,9 +29,11 @@ def write_slo_config(
     webhook_url: str | None,
     secret: str | None,
     cooldown_seconds: float = 600,
+    group_wait_seconds: float = 15,
     shadow_fraction: float = 1.0,
 ) -> Path:
-    """The default pair with every sample shadowed and windows of 20 s (k = 2, every 1 s)."""
+    """The default pair with every sample shadowed and windows of 20 s (k = 2, every 1 s);
+    breaches of one model within `group_wait_seconds` are one retrain request."""
     digits = default_models_dir() / "digits"
     config: dict[str, Any] = {
         "models": [
@@ -55,6 +57,7 @@ def write_slo_config(
             "secret": secret,
             "outbox_path": str(directory / "outbox.sqlite3"),
             "cooldown_seconds": cooldown_seconds,
+            "group_wait_seconds": group_wait_seconds,
             "backoff_base_seconds": 0.5,
             "backoff_cap_seconds": 2,
             "poll_seconds": 0.5,

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kdgate.service.settings import load_settings
 
@@ -75,3 +76,20 @@ def test_prometheusrule_wraps_the_current_rule_files() -> None:
     assert committed == module.render(), (
         f"stale PrometheusRule: run python {path.relative_to(ROOT)}"
     )
+
+
+def test_kubernetes_pods_are_a_fleet_and_the_image_default_is_one_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Deployment's plain env turns the image config into fleet mode: the pods' monitors
+    evaluate, and retrain requests come once from the PrometheusRule through Alertmanager."""
+    config = DEPLOY / "kubernetes" / "base" / "config.yaml"
+    assert load_settings(config, environ={}).slo.evaluator == "local"
+    deployment = yaml.safe_load((DEPLOY / "kubernetes" / "base" / "deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for variable in container["env"]:
+        if "value" in variable:
+            monkeypatch.setenv(variable["name"], variable["value"])
+    # The Secret's value (from secretKeyRef), as the pod would get it.
+    monkeypatch.setenv("KDGATE_WEBHOOK__SECRET", "whsec_" + base64.b64encode(bytes(32)).decode())
+    assert load_settings(config, environ={}).slo.evaluator == "fleet"

@@ -6,10 +6,12 @@ import shutil
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kdgate.monitoring.outbox import Outbox, OutboxUnavailable
+from kdgate.monitoring.webhook import retrain_payload
 
 
 class FakeClock:
@@ -74,6 +76,112 @@ def test_breach_cooldown_per_model_and_slo(outbox: Outbox, clock: FakeClock) -> 
     clock.now += 2
     assert outbox.enqueue_breach("digits", "kl_mean", {}, cooldown_seconds=3600)
     assert len(outbox.entries()) == 4
+
+
+# -- one request per incident: breaches of one model within the group wait travel together ----
+
+INVERTED_DIGITS = ["agreement", "kl_mean", "ece_teacher", "drift_share"]
+
+
+def payload(slo: str, model: str = "digits") -> dict[str, Any]:
+    """A retrain payload naming one breach of `slo`, as the monitor hands it over."""
+    breach = {"slo": slo, "observed": 0.5, "objective": 0.05, "window_seconds": 300, "samples": 500}
+    return retrain_payload(model, [breach], student_version="1", teacher_version="1")
+
+
+def breach(outbox: Outbox, slo: str, model: str = "digits", group_wait: float = 60) -> Any:
+    return outbox.enqueue_breach(
+        model, slo, payload(slo, model), cooldown_seconds=3600, group_wait_seconds=group_wait
+    )
+
+
+def test_breaches_of_one_model_within_the_group_wait_are_one_request(
+    outbox: Outbox, clock: FakeClock
+) -> None:
+    opened = clock.now
+    first = breach(outbox, "agreement")
+    assert first is not None and not first.joined and first.sends_at == opened + 60
+    other = breach(outbox, "kl_mean", model="other")  # another model: its own incident
+    assert other is not None and other.entry_id != first.entry_id
+    for seconds, slo in [(0, "kl_mean"), (1, "ece_teacher"), (58, "drift_share")]:
+        clock.now = opened + seconds
+        joined = breach(outbox, slo)
+        assert joined is not None and joined.joined and joined.entry_id == first.entry_id
+        assert outbox.claim_due() == []  # the incident is open: nothing is sent yet
+    assert breach(outbox, "kl_mean") is None  # already in the open incident
+
+    clock.now = opened + 60
+    entry, other_entry = outbox.claim_due()
+    assert (entry.id, other_entry.id) == (first.entry_id, other.entry_id)
+    assert [b["slo"] for b in entry.payload["data"]["breaches"]] == INVERTED_DIGITS
+    assert "follows" not in entry.payload["data"]
+    sealed = outbox.get(entry.id)
+    assert sealed is not None and sealed.open_until is None and entry.open_until == opened + 60
+    outbox.mark_delivered(entry.id)
+    outbox.mark_delivered(other_entry.id)
+
+    # Sealed: a later breach of another SLO is a follow-up naming the first request.
+    clock.now += 1
+    follow_up = breach(outbox, "p95_latency")
+    assert follow_up is not None and not follow_up.joined
+    assert follow_up.follows == first.entry_id
+    clock.now += 30
+    assert breach(outbox, "ece_label").entry_id == follow_up.entry_id  # type: ignore[union-attr]
+    clock.now += 30
+    (late,) = outbox.claim_due()
+    assert late.id == follow_up.entry_id
+    assert late.payload["data"]["follows"] == first.entry_id
+    assert [b["slo"] for b in late.payload["data"]["breaches"]] == ["p95_latency", "ece_label"]
+    # A follow-up of the follow-up still names the incident's first request.
+    outbox.mark_delivered(late.id)
+    clock.now += 3000
+    assert breach(outbox, "agreement") is None  # its cooldown has not passed
+    clock.now += 500
+    again = breach(outbox, "agreement")  # past the first request's cooldown, not the follow-up's
+    assert again is not None and again.follows == first.entry_id
+
+
+def test_without_a_group_wait_a_breach_is_due_at_once(outbox: Outbox, clock: FakeClock) -> None:
+    first = breach(outbox, "agreement", group_wait=0)
+    assert first is not None
+    second = breach(outbox, "kl_mean", group_wait=0)
+    assert second is not None and second.entry_id != first.entry_id
+    assert second.follows == first.entry_id
+    assert [e.id for e in outbox.claim_due()] == [first.entry_id, second.entry_id]
+
+
+def test_an_open_incident_survives_a_restart(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    first = breach(Outbox(path, clock=clock), "agreement")
+    assert first is not None
+    clock.now += 20
+    reopened = Outbox(path, clock=clock)  # the process restarted within the window
+    assert reopened.claim_due() == []
+    joined = breach(reopened, "drift_share")
+    assert joined is not None and joined.entry_id == first.entry_id
+    clock.now += 40
+    (entry,) = reopened.claim_due()
+    assert entry.id == first.entry_id
+    assert [b["slo"] for b in entry.payload["data"]["breaches"]] == ["agreement", "drift_share"]
+
+
+def test_a_file_of_an_older_kdgate_is_upgraded_in_place(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE outbox (id TEXT PRIMARY KEY, dedup_key TEXT NOT NULL UNIQUE,
+            model TEXT NOT NULL, slo TEXT, created REAL NOT NULL, next_attempt_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, status TEXT NOT NULL DEFAULT 'pending',
+            payload TEXT NOT NULL, last_error TEXT, finished_at REAL);
+        INSERT INTO outbox (id, dedup_key, model, slo, created, next_attempt_at, payload)
+            VALUES ('msg_old', 'k', 'digits', 'kl_mean', 1, 1, '{"x": 1}');
+        """
+    )
+    db.close()
+    outbox = Outbox(path, clock=clock)
+    assert breach(outbox, "agreement") is not None
+    assert [(e.id, e.payload) for e in outbox.claim_due()] == [("msg_old", {"x": 1})]
 
 
 def test_claim_due_leases_and_orders(outbox: Outbox, clock: FakeClock) -> None:

@@ -4,14 +4,18 @@ clock."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import math
 import shutil
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from standardwebhooks.webhooks import Webhook
 
 from kdgate.monitoring.fidelity import Calibration, Comparison
 from kdgate.monitoring.metrics import LATENCY_BUCKETS_SECONDS, Metrics, bucket_counts
@@ -20,6 +24,10 @@ from kdgate.monitoring.recent import RecentWindow
 from kdgate.monitoring.recorder import TEACHER_VERSION, FidelityRecorder
 from kdgate.monitoring.slo import Breach, SloConfig, objectives_for
 from kdgate.monitoring.slo_monitor import Monitor, histogram_quantile
+from kdgate.monitoring.webhook import Notifier, WebhookConfig, retrain_payload
+
+SECRET = "whsec_" + base64.b64encode(b"monitor test signing key 32 bytes").decode()
+INVERTED_DIGITS = ["agreement", "kl_mean", "ece_teacher", "drift_share"]
 
 
 class FakeClock:
@@ -331,3 +339,61 @@ async def test_a_breach_the_outbox_cannot_store_stays_pending_until_it_can(
         stop.set()
         await asyncio.wait_for(task, 5)
     assert len(outbox.entries()) == 1  # stored once, not once per evaluation
+
+
+@pytest.mark.anyio
+async def test_inverted_digits_breach_four_slos_and_send_one_signed_request(
+    tmp_path: Path,
+) -> None:
+    """Monitor -> outbox -> notifier on one fake clock: agreement, KL and ECE breach together,
+    drift share 40 s later (the drift job's cadence), all within `group_wait_seconds`: one
+    request lists the four, and the official Standard Webhooks library verifies it."""
+    clock = FakeClock()
+    clock.now = time.time()  # the signature's timestamp must be near the verifier's clock
+    metrics = Metrics(CollectorRegistry())
+    config = SloConfig(window_seconds=60, min_samples=100, consecutive_breaches=2)
+    window = RecentWindow(window_seconds=60, bucket_seconds=10, clock=clock)
+    outbox = Outbox(tmp_path / "outbox.sqlite3", clock=clock)
+    webhook = WebhookConfig(url="http://receiver.test/retrain", secret=SECRET)
+
+    def on_breach(model: str, breach: Breach) -> None:
+        payload = retrain_payload(model, [breach], student_version="1", teacher_version="1")
+        outbox.enqueue_breach(
+            model,
+            breach["slo"],
+            payload,
+            cooldown_seconds=webhook.cooldown_seconds,
+            group_wait_seconds=webhook.group_wait_seconds,
+        )
+
+    monitor = Monitor(
+        {"digits": objectives_for(None, config, "digits")}, config, metrics, window, on_breach
+    )
+    received: list[httpx.Request] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        received.append(request)
+        return httpx.Response(204)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as client:
+        notifier = Notifier(outbox, client, webhook, metrics, clock=clock)
+        recorder = FidelityRecorder(metrics, "digits", window=window)
+        rng = np.random.default_rng(0)
+        for second in range(0, 130, 10):
+            clock.now += 10
+            teacher = rng.normal(0, 3, (60, 10))
+            recorder.record_comparison("1", -teacher, teacher)  # inverted: the opposite class
+            if second >= 40:
+                window.set_drift("digits", 0.9, rows=500)
+            monitor.evaluate()
+            await notifier.deliver_due()
+            if second < 60:
+                assert received == [], "sent before the group wait ended"
+
+    (request,) = received
+    assert Webhook(SECRET).verify(request.content, dict(request.headers))
+    data = json.loads(request.content)["data"]
+    assert sorted(b["slo"] for b in data["breaches"]) == sorted(INVERTED_DIGITS)
+    assert "follows" not in data
+    delivered = outbox.get(request.headers["webhook-id"])
+    assert delivered is not None and delivered.status == "delivered"
