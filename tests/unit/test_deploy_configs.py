@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kdgate.service.settings import load_settings
+from kdgate.service.traffic_store import TrafficStore
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -75,3 +76,14 @@ def test_prometheusrule_wraps_the_current_rule_files() -> None:
     assert committed == module.render(), (
         f"stale PrometheusRule: run python {path.relative_to(ROOT)}"
     )
+
+
+def test_the_kubernetes_traffic_file_is_valid_and_agrees_with_the_config() -> None:
+    base = DEPLOY / "kubernetes" / "base"
+    settings = load_settings(base / "config.yaml", environ={})
+    assert settings.traffic.read_only is True
+    assert settings.traffic_file == Path("/etc/kdgate-traffic/traffic.yaml")
+    # Read from the repository copy, as the pod reads it from the mounted ConfigMap.
+    restored = TrafficStore(base / "traffic.yaml").restore(settings)
+    assert restored.differences == {}
+    assert restored.settings == settings
