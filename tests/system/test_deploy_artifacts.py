@@ -228,7 +228,14 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
 def test_kustomize_output_validates(overlay: str, tmp_path: Path) -> None:
     docs = kustomize(KUBERNETES / overlay)
     kinds = sorted(d["kind"] for d in docs)
-    core = ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"]
+    core = [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+    ]
     assert kinds == sorted([*core, *CRD_KINDS])
     for doc in docs:
         if doc["kind"] not in CRD_KINDS:
