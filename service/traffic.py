@@ -479,7 +479,8 @@ class TrafficControl:
                 self._refuse("invalid", str(exc))
                 return
             document = TrafficDocument(models={**served, **parsed.models})
-        if document != self.document:
+        # A version left unloaded (weight 0) is tried again whenever the file is touched.
+        if document != self.document or any(self.state.not_loaded.values()):
             async with self._exclusive():
                 try:
                     plans = await self._plan(document, {})
