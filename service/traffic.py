@@ -481,14 +481,17 @@ class TrafficControl:
             document = TrafficDocument(models={**served, **parsed.models})
         # A version left unloaded (weight 0) is tried again whenever the file is touched.
         if document != self.document or any(self.state.not_loaded.values()):
-            async with self._exclusive():
-                try:
-                    plans = await self._plan(document, {})
-                except KdgateError as exc:
-                    self._seen = snapshot.key
-                    self._refuse("refused", f"{self.store.path} not applied: {exc.message}")
-                    return
-                self._swap(document, plans)
+            try:
+                async with self._exclusive():
+                    try:
+                        plans = await self._plan(document, {})
+                    except KdgateError as exc:
+                        self._seen = snapshot.key
+                        self._refuse("refused", f"{self.store.path} not applied: {exc.message}")
+                        return
+                    self._swap(document, plans)
+            except DeadlineExceeded:  # an admin change holds the lock: the next poll retries
+                return
             splits = {m: r.traffic.model_dump() for m, r in self.state.routers.items()}
             log.info(
                 "traffic: applied %s (%s): %s",

@@ -70,6 +70,7 @@ class TrafficEntry(BaseModel):
         # Every version listed, those left out at 0, so equal splits compare equal.
         weights = {s.version: model.traffic.weights.get(s.version, 0) for s in self.versions}
         object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "sticky_header", model.traffic.sticky_header)  # lower-cased
         return self
 
     @property
