@@ -111,10 +111,11 @@ class ServingState:
                 except Exception as exc:
                     reason = f"{type(exc).__name__}: {exc}"
                     if share:
-                        raise ValueError(
+                        exc.add_note(
                             f"model {model.name!r}: version {student.version!r} takes {share}% "
-                            f"of the traffic but cannot be loaded from {student.card}: {reason}"
-                        ) from exc
+                            f"of the traffic but cannot be loaded from {student.card}"
+                        )
+                        raise
                     # Reachable by nothing (weight 0): serve the others rather than nothing.
                     log.warning(
                         "model %s: version %s (weight 0) not loaded from %s: %s",

@@ -158,6 +158,14 @@ class TrafficControl:
                 "; ".join(keys),
                 model,
             )
+        unknown = sorted(set(self.document.models) - set(self._config))
+        if unknown:
+            log.warning(
+                "the traffic file %s names models %s that this config does not serve: kept in "
+                "the file, not served",
+                self.store.path,
+                unknown,
+            )
         for router in self.state.routers.values():
             self._publish(router)
         self._exported()

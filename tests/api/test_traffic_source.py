@@ -190,11 +190,11 @@ async def test_a_version_with_a_share_and_no_card_still_refuses_the_start(tmp_pa
     settings, traffic_file = config_with_file(tmp_path)
     gone = tmp_path / "deleted" / "student-v9.card.json"
     write_traffic_file(traffic_file, {"1": 90, "9": 10}, {"1": cards_of(settings)["1"], "9": gone})
-    with pytest.raises(
-        ValueError, match=r"version '9' takes 10% of the traffic but cannot be loaded"
-    ):
+    with pytest.raises(FileNotFoundError, match="student-v9.card.json") as refused:
         async with running(create_app(settings)):
             pass
+    (note,) = refused.value.__notes__
+    assert "version '9' takes 10% of the traffic but cannot be loaded" in note
 
 
 async def test_restart_with_an_edited_config_after_admin_changes_follows_the_traffic_file(
