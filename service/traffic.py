@@ -362,10 +362,15 @@ class TrafficControl:
         self, model: str, entry: TrafficEntry, prepared: Mapping[str, Variant]
     ) -> list[weakref.ref[Variant]]:
         """Plan `entry` for `model`, write the whole file, then swap (admin path)."""
+        try:  # validated as the file will be read back (model_copy does not validate)
+            entry = TrafficEntry.model_validate(entry.model_dump())
+        except ValidationError as exc:
+            raise InvalidInput(f"traffic of model {model!r} not changed: {problems(exc)}") from None
         document = self.document.model_copy(
             update={"models": {**self.document.models, model: entry}}
         )
         plans = await self._plan(document, {model: prepared})
+        await self._check_unchanged()
         try:
             await asyncio.to_thread(self.store.write, document)
         except OSError as exc:
@@ -375,6 +380,28 @@ class TrafficControl:
                 f"traffic of model {model!r} not changed: could not save {self.store.path}: {exc}"
             ) from None
         return self._swap(document, plans)
+
+    async def _check_unchanged(self) -> None:
+        """409 when the file holds a change this process has not applied yet (an edit, another
+        replica's admin change): writing over it would lose that change."""
+        try:
+            on_file = self._desired(await asyncio.to_thread(self.store.snapshot))
+        except (OSError, ValueError):  # unreadable or invalid: the write replaces it
+            return
+        if on_file != self.document:
+            raise Conflict(
+                f"{self.store.path} has changed since this server last applied it (an edit or "
+                f"another replica's change); it is applied within {self._poll_seconds:g} s: "
+                "read the traffic again and retry"
+            )
+
+    def _desired(self, snapshot: Snapshot) -> TrafficDocument:
+        """What `snapshot` asks every process to serve: the file's entries over the config's
+        (the config's alone when there is no file); ValueError for an invalid file."""
+        served = {name: TrafficEntry.of(model) for name, model in self._config.items()}
+        if snapshot.data is None:
+            return TrafficDocument(models=served)
+        return TrafficDocument(models={**served, **self.store.parse(snapshot.data).models})
 
     async def _plan(
         self, document: TrafficDocument, prepared: Mapping[str, Mapping[str, Variant]]
@@ -476,17 +503,12 @@ class TrafficControl:
 
     async def _follow(self, snapshot: Snapshot) -> None:
         """Apply the file as `snapshot` found it, or refuse it loudly."""
-        served = {name: TrafficEntry.of(model) for name, model in self._config.items()}
-        if snapshot.data is None:  # no file: the config's traffic
-            document = TrafficDocument(models=served)
-        else:
-            try:
-                parsed = self.store.parse(snapshot.data)
-            except ValueError as exc:
-                self._seen = snapshot.key
-                self._refuse("invalid", str(exc))
-                return
-            document = TrafficDocument(models={**served, **parsed.models})
+        try:
+            document = self._desired(snapshot)
+        except ValueError as exc:
+            self._seen = snapshot.key
+            self._refuse("invalid", str(exc))
+            return
         # A version left unloaded (weight 0) is tried again whenever the file is touched.
         if document != self.document or any(self.state.not_loaded.values()):
             try:

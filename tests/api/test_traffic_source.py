@@ -99,6 +99,33 @@ async def _serves(client: httpx.AsyncClient, versions: set[str]) -> bool:
     return await versions_served(client) == versions
 
 
+async def test_a_change_over_one_not_yet_followed_is_409_not_a_lost_update(
+    tmp_path: Path,
+) -> None:
+    settings, traffic_file = config_with_file(tmp_path, poll_seconds=5.0)
+    async with running(create_app(settings)) as one, running(create_app(settings)) as two:
+        await asyncio.sleep(0.2)  # both have taken their first look at the file
+        first = await one.put(TRAFFIC, headers=AUTH, json={"weights": {"1": 50, "2": 50}})
+        assert first.status_code == 200, first.text
+        # `two` polls every 5 s: it has not applied the change yet, and must not write over it.
+        second = await two.put(TRAFFIC, headers=AUTH, json={"shadow_fraction": 0.5})
+        assert second.status_code == 409, second.text
+        assert "has changed since this server last applied it" in second.json()["error"]
+        on_file = yaml.safe_load(traffic_file.read_text())["models"]["digits"]
+        assert on_file["weights"] == {"1": 50, "2": 50} and on_file["shadow_fraction"] == 0.1
+
+        async def followed() -> bool:
+            return (await two.get(TRAFFIC, headers=AUTH)).json()["weights"] == {"1": 50, "2": 50}
+
+        await eventually(followed, seconds=10)
+        again = await two.put(TRAFFIC, headers=AUTH, json={"shadow_fraction": 0.5})
+        assert again.json() == {
+            **again.json(),
+            "weights": {"1": 50, "2": 50},
+            "shadow_fraction": 0.5,
+        }
+
+
 async def test_an_edit_is_followed_and_an_invalid_one_refused_loudly(
     tmp_path: Path, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -190,7 +217,7 @@ async def test_a_version_with_a_share_and_no_card_still_refuses_the_start(tmp_pa
     settings, traffic_file = config_with_file(tmp_path)
     gone = tmp_path / "deleted" / "student-v9.card.json"
     write_traffic_file(traffic_file, {"1": 90, "9": 10}, {"1": cards_of(settings)["1"], "9": gone})
-    with pytest.raises(FileNotFoundError, match="student-v9.card.json") as refused:
+    with pytest.raises(FileNotFoundError, match=r"student-v9\.card\.json") as refused:
         async with running(create_app(settings)):
             pass
     (note,) = refused.value.__notes__
