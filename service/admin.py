@@ -12,7 +12,8 @@ Every route needs `Authorization: Bearer <admin.token>`: none or malformed -> 40
 token -> 403 (constant-time compare). While `admin.token` is null the routes answer 404 saying
 the admin API is off. Bodies are read like inference bodies (`server.max_body_bytes`: 413;
 `server.body_timeout_seconds`: 408), after the token is checked, then validated here (400).
-service/traffic.py applies, saves and audits the changes.
+service/traffic.py writes the changes to the traffic file every process follows, applies and
+audits them; where that file is read-only (a ConfigMap) the changing routes answer 409.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Who` (built around the closure

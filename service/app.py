@@ -58,7 +58,7 @@ from kdgate.service.settings import Settings
 from kdgate.service.slo_api import build_slo_router
 from kdgate.service.state import ServingState, StudentLoader, VariantFactory, load_student
 from kdgate.service.tracer import tracer_from
-from kdgate.service.traffic import TrafficControl
+from kdgate.service.traffic import TrafficControl, TrafficMetrics
 from kdgate.service.traffic_store import TrafficStore
 
 if TYPE_CHECKING:
@@ -188,8 +188,10 @@ def create_app(
     metrics, the monitoring runtime), the one recent window they and the SLO monitor share, the
     tracer (a no-op unless configured) and the one factory every student version is built by.
     """
-    store = TrafficStore(settings.admin.state_dir)
-    settings = store.restore(settings)  # what /admin changed wins over the file (logged)
+    # The traffic file wins over the config's traffic for the models it names (logged at start).
+    store = TrafficStore(settings.traffic_file, read_only=settings.traffic.read_only)
+    restored = store.restore(settings)
+    config, settings = settings.models, restored.settings
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     register_process_metrics(registry)
@@ -212,18 +214,19 @@ def create_app(
         request_metrics=request_metrics,
         metrics=metrics,
     )
-    traffic = TrafficControl(state, build, store)
+    traffic = TrafficControl(state, build, store, restored, config, TrafficMetrics(registry))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Reading files and building sessions blocks for a while: keep the loop free.
         await asyncio.to_thread(state.load, build)
-        traffic.publish()
+        await traffic.start()
         await runtime.start()
         try:
             yield
         finally:
             state.ready = False
+            await traffic.stop()
             log.settle()  # the last requests' bookkeeping, while its consumers still run
             await runtime.stop()
             await tracer.aclose()

@@ -88,10 +88,16 @@ def load_checked(
 
 
 def card_problems(settings: Settings) -> list[str]:
-    """Missing or unreadable card and model files, each as `<key path>: <reason>`."""
+    """Missing or unreadable card and model files, each as `<key path>: <reason>` (students
+    with a share of the traffic and teachers)."""
     cards: list[tuple[str, Path]] = []
     for i, model in enumerate(settings.models):
-        cards += [(f"models[{i}].students[{j}].card", s.card) for j, s in enumerate(model.students)]
+        # A version at weight 0 that cannot load is served as "not loaded" (service/state.py).
+        cards += [
+            (f"models[{i}].students[{j}].card", s.card)
+            for j, s in enumerate(model.students)
+            if model.traffic.weights.get(s.version, 0)
+        ]
         if model.teacher is not None and model.teacher.card is not None:
             cards.append((f"models[{i}].teacher.card", model.teacher.card))
     problems = []

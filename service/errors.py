@@ -6,6 +6,7 @@
     ├── Forbidden (403)          the token is valid but may not do this
     ├── ModelNotFound (404)      unknown model or version
     ├── RequestTimeout (408)     the body did not arrive within server.body_timeout_seconds
+    ├── Conflict (409)           the change must be made elsewhere (a read-only traffic file)
     ├── PayloadTooLarge (413)    the body is over server.max_body_bytes
     ├── NotReady (503)           the model is still loading or warming up
     └── DeadlineExceeded (504)   a wait inside the server (a file read, a lock) ran out of time
@@ -56,6 +57,12 @@ class ModelNotFound(KdgateError):
     """Unknown model name or version (404)."""
 
     status_code = 404
+
+
+class Conflict(KdgateError):
+    """The change cannot be made here (409): the message says where to make it."""
+
+    status_code = 409
 
 
 class RequestTimeout(KdgateError):

@@ -94,6 +94,8 @@ def model_objectives(settings: Settings) -> dict[str, list[Objective]]:
             [
                 objectives_for(load_card(s.card).metrics, settings.slo, model.name)
                 for s in model.students
+                # A weight-0 version whose card is gone is not loaded (service/state.py).
+                if s.card.is_file()
             ]
         )
         for model in settings.models

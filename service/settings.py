@@ -8,7 +8,8 @@
     ├── slo       SloConfig          objectives, windows, hysteresis (monitoring/slo.py)
     ├── drift     DriftConfig        input drift job (monitoring/drift.py)
     ├── webhook   WebhookConfig      retrain webhook, signing secret, outbox (monitoring/webhook.py)
-    └── admin     AdminSettings      bearer token for /admin (admin is off without one)
+    ├── admin     AdminSettings      bearer token for /admin (admin is off without one)
+    └── traffic   TrafficSourceSettings  the watched traffic file every process follows
 
 Precedence: environment > YAML file > defaults. Nesting uses `__`
 (`KDGATE_SERVER__PORT=9000`); lists are given as JSON (`KDGATE_MODELS='[...]'`).
@@ -276,8 +277,8 @@ class AdminSettings(_Section):
     """Admin API bearer token; the admin routes are off while it is null."""
 
     token: SecretStr | None = None
-    # Traffic changes made through /admin are kept in `<state_dir>/traffic.json` and restored
-    # at start (service/traffic_store.py); relative to the working directory.
+    # Holds the traffic file `traffic.json` unless `traffic.file` names another
+    # (service/traffic_store.py); relative to the working directory.
     state_dir: Path = Path("state")
     # The most one change may take: loading a version (reading its files, building and warming
     # it), or waiting for the change before it to finish. Past it: 504, and the lock is free.
@@ -287,6 +288,22 @@ class AdminSettings(_Section):
     @classmethod
     def _real_token(cls, token: SecretStr | None) -> SecretStr | None:
         return _reject_placeholder(token, "admin.token")
+
+
+class TrafficSourceSettings(_Section):
+    """The traffic file: the one source of every model's versions and split (docs/traffic.md).
+
+    Every process polls it and applies a change within `poll_seconds` (plus the load of a new
+    version); the admin API writes it. Where it names a model it wins over `models[].traffic`
+    and `models[].students` (logged at start, `kdgate_traffic_source_differs`).
+    """
+
+    # Null: `<admin.state_dir>/traffic.json`. Relative to the working directory.
+    file: Path | None = None
+    # True for a file only its owner changes (a ConfigMap mount): admin changes answer 409.
+    # A directory the process cannot write (a read-only mount) counts as read-only too.
+    read_only: bool = False
+    poll_seconds: float = Field(default=1.0, gt=0.0, le=5.0)
 
 
 def default_model_list() -> list[ModelSettings]:
@@ -319,6 +336,12 @@ class Settings(BaseSettings):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    traffic: TrafficSourceSettings = Field(default_factory=TrafficSourceSettings)
+
+    @property
+    def traffic_file(self) -> Path:
+        """The traffic file this process follows (`traffic.file`, else the admin state file)."""
+        return self.traffic.file or self.admin.state_dir / "traffic.json"
 
     @field_validator("models")
     @classmethod

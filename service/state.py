@@ -3,11 +3,14 @@
 The names and versions come from the settings at construction, so unknown models answer 404
 and known ones 503 while loading. `load` builds every student version with the app's
 `VariantFactory` (the same one the admin API loads versions with), warms them up and only then
-flips `ready`; it blocks, so the lifespan runs it in a worker thread.
+flips `ready`; it blocks, so the lifespan runs it in a worker thread. A version with weight 0
+that fails to load (its card deleted) is left out and listed in `not_loaded`; one with a share
+of the traffic stops the start.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from kdgate.monitoring.metrics import Metrics
@@ -18,6 +21,8 @@ from kdgate.service.runtime import StudentSession
 from kdgate.service.settings import ServerSettings, Settings, StudentSettings
 from kdgate.service.tensors import Signature
 from kdgate.service.tracer import NO_TRACER, Tracer
+
+log = logging.getLogger(__name__)
 
 StudentLoader = Callable[[StudentSettings, ServerSettings], StudentSession]
 
@@ -89,6 +94,8 @@ class ServingState:
             m.name: [s.version for s in m.students] for m in settings.models
         }
         self.routers: dict[str, Router] = {}
+        # model -> version -> why it is configured but not served (weight 0, failed to load)
+        self.not_loaded: dict[str, dict[str, str]] = {m.name: {} for m in settings.models}
         self.ready = False
 
     def load(self, build: VariantFactory) -> None:
@@ -98,13 +105,34 @@ class ServingState:
         for model in self.settings.models:
             variants: dict[str, Variant] = {}
             for student in model.students:
-                variants[student.version] = build(model.name, student)
+                share = model.traffic.weights.get(student.version, 0)
+                try:
+                    variants[student.version] = build(model.name, student)
+                except Exception as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    if share:
+                        exc.add_note(
+                            f"model {model.name!r}: version {student.version!r} takes {share}% "
+                            f"of the traffic but cannot be loaded from {student.card}"
+                        )
+                        raise
+                    # Reachable by nothing (weight 0): serve the others rather than nothing.
+                    log.warning(
+                        "model %s: version %s (weight 0) not loaded from %s: %s",
+                        model.name,
+                        student.version,
+                        student.card,
+                        reason,
+                    )
+                    self.not_loaded[model.name][student.version] = reason
             first = next(iter(variants.values())).signature
             if any(v.signature != first for v in variants.values()):
                 raise ValueError(f"model {model.name!r}: students disagree on the signature")
             for variant in variants.values():
                 variant.session.warm_up(server.warmup_runs)
-            routers[model.name] = Router.from_traffic(model.name, variants, model.traffic)
+            weights = {v: w for v, w in model.traffic.weights.items() if v in variants}
+            traffic = model.traffic.model_copy(update={"weights": weights})
+            routers[model.name] = Router.from_traffic(model.name, variants, traffic)
         self.routers = routers
         self.ready = True
 

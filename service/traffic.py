@@ -1,20 +1,21 @@
-"""Run-time traffic changes: the split, versions loaded and removed, promote and roll back.
+"""Traffic at run time: follow the traffic file, and change it through the admin API.
 
-Every change runs under one admin-only lock (the request path takes none):
+One traffic file (service/traffic_store.py) is the source every process follows. Both ways a
+change arrives end in the same two steps, under one lock the request path never takes:
 
-    validate -> [read the card, load, sha256-verify and warm a new version in a thread]
-             -> build a new Router -> save the state file (worker thread)
-             -> assign it to ServingState.routers[model] -> kdgate_traffic_weight -> audit line
+    watcher (every traffic.poll_seconds): the file's content or target changed
+        -> parse -> plan -> swap                       (invalid: logged, counted, not applied)
+    admin API (PUT/POST/DELETE /admin/...): validate against the current document
+        -> plan -> write the file (atomically) -> swap (every other process's watcher follows)
 
-Saving before the swap means a change the disk refused is not applied either, and the swap is one
-assignment, so a request sees the old Router or the new one, never half of each. A removed
-version is drained after the swap: requests that picked it before still hold it, and the removal
-answers once they have finished (nothing else keeps a Variant alive; see `_drain`).
-
-Nothing may hold the lock for good: a change waits at most `admin.timeout_seconds` for the one
-before it, and a load (card and model files named by the caller: a FIFO, a device, a stalled
-network mount) is refused unless they are regular files of bounded size, and is given up, 504,
-once it has taken `admin.timeout_seconds`.
+`plan` loads, sha256-verifies and warms each version it does not serve yet (in a thread of its
+own, under `admin.timeout_seconds`) and builds every model's new Router; a version with a share
+that cannot be loaded refuses the whole change, one with weight 0 is listed as not loaded.
+`swap` assigns each Router to `ServingState.routers[model]` in one step, so a request sees the
+old split or the new one, never half of each. Planning before writing means a change the admin
+API refuses never reaches the file, and writing before swapping means a change the disk refused
+is not applied either. A removed version is drained after the swap: requests that picked it
+before still hold it (nothing else keeps a Variant alive; see `_drain`).
 """
 
 from __future__ import annotations
@@ -34,14 +35,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
 from kdgate.service.cards import ModelCard, model_path
-from kdgate.service.errors import DeadlineExceeded, InvalidInput, KdgateError
+from kdgate.service.errors import Conflict, DeadlineExceeded, InvalidInput, KdgateError
 from kdgate.service.routing import Router, Variant
-from kdgate.service.settings import StudentSettings, TrafficSettings
+from kdgate.service.settings import ModelSettings, StudentSettings, TrafficSettings
 from kdgate.service.state import ServingState, VariantFactory
-from kdgate.service.traffic_store import SavedModel, TrafficStore
+from kdgate.service.traffic_store import (
+    READ_ONLY_ERRNOS,
+    Restored,
+    Snapshot,
+    TrafficDocument,
+    TrafficEntry,
+    TrafficStore,
+    differing_keys,
+)
 
 _T = TypeVar("_T")
 
@@ -50,6 +60,7 @@ audit_log = logging.getLogger("kdgate.audit")
 
 _DRAIN_POLL_SECONDS = 0.01
 CARD_MAX_BYTES = 1024 * 1024  # a card is a few kB of JSON
+SOURCE_ERRORS = ("invalid", "refused", "unreadable")
 
 
 @dataclass(frozen=True)
@@ -67,88 +78,173 @@ def problems(exc: ValidationError) -> str:
     )
 
 
-class TrafficControl:
-    """Applies, saves and audits traffic changes for the models of one serving state."""
+class TrafficMetrics:
+    """How the traffic source is followed, on the app's registry."""
 
-    def __init__(self, state: ServingState, build: VariantFactory, store: TrafficStore) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.source_errors = Counter(
+            "kdgate_traffic_source_errors",
+            "Traffic file contents refused (invalid, refused: a version with a share would not "
+            "load; unreadable: the file could not be read); the last good split keeps serving.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in SOURCE_ERRORS:
+            self.source_errors.labels(reason)
+        self.differs = Gauge(
+            "kdgate_traffic_source_differs",
+            "1 while the traffic file's entry for a model differs from the config's students "
+            "and traffic (the traffic file wins).",
+            ["model"],
+            registry=registry,
+        )
+        self.not_loaded = Gauge(
+            "kdgate_traffic_version_not_loaded",
+            "1 for a version the traffic source names at weight 0 that could not be loaded.",
+            ["model", "version"],
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One model's next Router, the cards of its versions and the versions left out."""
+
+    router: Router
+    cards: dict[str, Path]
+    not_loaded: dict[str, str]
+
+
+class TrafficControl:
+    """Follows the traffic file for the models of one serving state, and changes it."""
+
+    def __init__(
+        self,
+        state: ServingState,
+        build: VariantFactory,
+        store: TrafficStore,
+        restored: Restored,
+        config: Iterable[ModelSettings],
+        metrics: TrafficMetrics,
+    ) -> None:
         self.state = state
         self.build = build
         self.store = store
+        self.metrics = metrics
+        self.document = restored.document
+        self._differences = restored.differences
+        self._config = {m.name: m for m in config}
         self._cards: dict[str, dict[str, Path]] = {
             m.name: {s.version: s.card for s in m.students} for m in state.settings.models
         }
-        self._previous: dict[str, dict[str, int] | None] = {
-            name: entry.previous_weights for name, entry in store.saved.models.items()
-        }
         self._lock = asyncio.Lock()
         self._timeout = state.settings.admin.timeout_seconds
+        self._poll_seconds = state.settings.traffic.poll_seconds
+        self._seen: tuple[object, ...] | None = None
+        self._last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    def publish(self) -> None:
-        """Set `kdgate_traffic_weight` for every loaded model (once the routers exist)."""
+    async def start(self) -> None:
+        """Once the models are loaded: say where file and config disagree, export the
+        weights, then follow the file."""
+        for model, keys in self._differences.items():
+            log.warning(
+                "model %s: the traffic file %s differs from the config (models[].students and "
+                "models[].traffic) on %s; the traffic file is the source of truth for traffic "
+                "and is served. To serve the config's values, change the traffic file (the "
+                "admin API, or an edit) or remove its entry for %s",
+                model,
+                self.store.path,
+                "; ".join(keys),
+                model,
+            )
+        unknown = sorted(set(self.document.models) - set(self._config))
+        if unknown:
+            log.warning(
+                "the traffic file %s names models %s that this config does not serve: kept in "
+                "the file, not served",
+                self.store.path,
+                unknown,
+            )
         for router in self.state.routers.values():
             self._publish(router)
+        self._exported()
+        self._task = asyncio.create_task(self._watch(), name="kdgate-traffic-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     def versions(self, model: str) -> dict[str, Any]:
-        """The loaded versions of `model` with weight, card and sha256; the previous weights."""
+        """The versions of `model`: loaded ones with weight, card and sha256, then those not
+        loaded with the reason; the previous weights."""
         router = self.state.router(model)
         cards = self._cards[model]
-        return {
-            "versions": [
-                {
-                    "version": version,
-                    "weight": router.weights[version],
-                    "card": str(cards[version]),
-                    "sha256": variant.session.card.sha256,
-                }
-                for version, variant in router.variants.items()
-            ],
-            "previous_weights": self._previous.get(model),
-        }
+        loaded = [
+            {
+                "version": version,
+                "weight": router.weights[version],
+                "card": str(cards[version]),
+                "sha256": variant.session.card.sha256,
+                "loaded": True,
+            }
+            for version, variant in router.variants.items()
+        ]
+        entry = self._entry(model)
+        missing = [
+            {"version": s.version, "weight": 0, "card": str(s.card), "loaded": False, "error": why}
+            for s in entry.versions
+            if (why := self.state.not_loaded[model].get(s.version)) is not None
+        ]
+        return {"versions": loaded + missing, "previous_weights": entry.previous_weights}
 
     async def set_traffic(
         self, model: str, changes: Mapping[str, Any], caller: Caller
     ) -> TrafficSettings:
         """Change any of weights, sticky header and shadow fraction; the rest stays."""
-        async with self._exclusive():
-            current = self.state.router(model)
+        async with self._exclusive(writing=True):
+            entry = self._entry(model)
             try:
-                traffic = TrafficSettings.model_validate(
-                    {**current.traffic.model_dump(), **changes}
-                )
+                traffic = TrafficSettings.model_validate({**entry.traffic.model_dump(), **changes})
             except ValidationError as exc:
                 reason = problems(exc)
                 raise InvalidInput(f"traffic of model {model!r} not changed: {reason}") from None
-            return await self._apply(current, traffic, caller, "traffic.put")
+            if not traffic.weights:
+                raise InvalidInput(f"traffic of model {model!r} not changed: weights are empty")
+            return await self._apply(model, traffic, caller, "traffic.put")
 
     async def promote(self, model: str, version: str, caller: Caller) -> TrafficSettings:
         """Send all of `model`'s split traffic to `version`."""
-        async with self._exclusive():
+        async with self._exclusive(writing=True):
             current = self.state.router(model)
             current.get(version)  # 404 for a version that is not loaded
             weights = {v: 100 if v == version else 0 for v in current.variants}
-            traffic = current.traffic.model_copy(update={"weights": weights})
-            return await self._apply(current, traffic, caller, "traffic.promote")
+            traffic = self._entry(model).traffic.model_copy(update={"weights": weights})
+            return await self._apply(model, traffic, caller, "traffic.promote")
 
     async def rollback(self, model: str, caller: Caller) -> TrafficSettings:
         """Return to the weights before the last weight change (twice: back again)."""
-        async with self._exclusive():
-            current = self.state.router(model)
-            previous = self._previous.get(model)
+        async with self._exclusive(writing=True):
+            entry = self._entry(model)
+            previous = entry.previous_weights
             if previous is None:
                 raise InvalidInput(
                     f"model {model!r} has no previous weights to roll back to: its weights have "
                     "not changed through the admin API"
                 )
             # A version removed since then is no obstacle as long as it had no share.
-            weights = {v: w for v, w in previous.items() if w or v in current.variants}
-            traffic = current.traffic.model_copy(update={"weights": weights})
-            return await self._apply(current, traffic, caller, "traffic.rollback")
+            known = entry.cards()
+            weights = {v: w for v, w in previous.items() if w or v in known}
+            traffic = entry.traffic.model_copy(update={"weights": weights})
+            return await self._apply(model, traffic, caller, "traffic.rollback")
 
     async def load_version(
         self, model: str, card: Path, version: str | None, caller: Caller
     ) -> dict[str, Any]:
         """Load, verify and warm a new version from its card; it joins with weight 0."""
-        async with self._exclusive():
+        async with self._exclusive(writing=True):
             current = self.state.router(model)
             deadline = time.monotonic() + self._timeout
             try:
@@ -160,31 +256,26 @@ class TrafficControl:
             version = student.version
             if found.role != "student":
                 raise InvalidInput(f"{card} is a {found.role} card; only students serve")
-            if version in current.variants:
+            entry = self._entry(model)
+            if version in entry.cards():
                 raise InvalidInput(
                     f"model {model!r} already has version {version!r}; remove it first or load "
                     "this card under another version"
                 )
             variant = await _in_own_thread(deadline, self._prepare, current, student)
-            router = Router(
-                model,
-                {**current.variants, version: variant},
-                current.weights,
-                current.sticky_header.decode(),
-                current.shadow_fraction,
-            )
-            cards = {**self._cards[model], version: card}
-            await self._commit(current, router, cards, self._previous.get(model))
-            entry = {"version": version, "card": str(card), "sha256": variant.session.card.sha256}
-            self._audit(caller, "version.load", model, entry)
-            return {**entry, "weight": 0}
+            grown = entry.model_copy(update={"versions": [*entry.versions, student]})
+            await self._change(model, grown, {version: variant})
+            result = {"version": version, "card": str(card), "sha256": variant.session.card.sha256}
+            self._audit(caller, "version.load", model, result)
+            return {**result, "weight": 0}
 
     async def remove_version(self, model: str, version: str, caller: Caller) -> dict[str, Any]:
         """Stop routing to `version` (weight must be 0), then wait for its requests to finish."""
-        async with self._exclusive():
+        async with self._exclusive(writing=True):
             gone = await self._unroute(model, version)
             started = time.monotonic()
-            drained = await _drain(gone, self.state.settings.server.graceful_shutdown_seconds)
+            limit = self.state.settings.server.graceful_shutdown_seconds
+            drained = all([await _drain(ref, limit) for ref in gone])
             result = {
                 "model": model,
                 "removed": version,
@@ -195,8 +286,11 @@ class TrafficControl:
             return result
 
     @asynccontextmanager
-    async def _exclusive(self) -> AsyncIterator[None]:
-        """Hold the admin lock; 504 after waiting `admin.timeout_seconds` for it."""
+    async def _exclusive(self, *, writing: bool = False) -> AsyncIterator[None]:
+        """Hold the traffic lock; 504 after waiting `admin.timeout_seconds` for it. `writing`:
+        409 first when the traffic file cannot be written here."""
+        if writing and (why := self.store.writable()) is not None:
+            raise self._read_only(why)
         try:
             async with asyncio.timeout(self._timeout):
                 await self._lock.acquire()
@@ -210,32 +304,181 @@ class TrafficControl:
         finally:
             self._lock.release()
 
-    async def _unroute(self, model: str, version: str) -> weakref.ref[Variant]:
-        current = self.state.router(model)
-        removed = current.get(version)  # 404 for a version that is not loaded
-        if current.weights[version] > 0:
-            raise InvalidInput(
-                f"version {version!r} still takes {current.weights[version]}% of model "
-                f"{model!r}'s traffic; set its weight to 0 first (PUT /admin/models/{model}/"
-                "traffic, or promote another version)"
-            )
-        remaining = {v: variant for v, variant in current.variants.items() if v != version}
-        router = Router(
-            model,
-            remaining,
-            {v: current.weights[v] for v in remaining},
-            current.sticky_header.decode(),
-            current.shadow_fraction,
+    def _read_only(self, why: str) -> Conflict:
+        return Conflict(
+            f"traffic is read from {self.store.path}, which this server does not change ({why}). "
+            "Change that file where it comes from: edit the ConfigMap that holds it (kubectl "
+            "apply -f, kubectl edit configmap) or your GitOps repository; every replica follows "
+            "within seconds"
         )
-        cards = {v: path for v, path in self._cards[model].items() if v != version}
-        await self._commit(current, router, cards, self._previous.get(model))
-        # Only the weak reference leaves this frame: `current` and `removed` die with it.
-        return weakref.ref(removed)
+
+    def _entry(self, model: str) -> TrafficEntry:
+        self.state.router(model)  # 404 for an unknown model, 503 while loading
+        return self.document.models[model]
+
+    async def _apply(
+        self, model: str, traffic: TrafficSettings, caller: Caller, action: str
+    ) -> TrafficSettings:
+        entry = self._entry(model)
+        before = self.state.router(model).traffic
+        previous = entry.previous_weights
+        if _shares(traffic.weights) != _shares(before.weights):
+            previous = before.weights
+        try:
+            changed = TrafficEntry.model_validate(
+                {**entry.model_dump(), **traffic.model_dump(), "previous_weights": previous}
+            )
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise InvalidInput(f"traffic of model {model!r} not changed: {reason}") from None
+        await self._change(model, changed, {})
+        after = self.state.router(model).traffic
+        self._audit(
+            caller, action, model, {"before": before.model_dump(), "after": after.model_dump()}
+        )
+        return after
+
+    async def _unroute(self, model: str, version: str) -> list[weakref.ref[Variant]]:
+        entry = self._entry(model)
+        if version not in entry.cards():
+            self.state.router(model).get(version)  # 404 naming the loaded versions
+        share = entry.weights.get(version, 0)
+        if share > 0:
+            raise InvalidInput(
+                f"version {version!r} still takes {share}% of model {model!r}'s traffic; set "
+                f"its weight to 0 first (PUT /admin/models/{model}/traffic, or promote another "
+                "version)"
+            )
+        remaining = entry.model_copy(
+            update={
+                "versions": [s for s in entry.versions if s.version != version],
+                "weights": {v: w for v, w in entry.weights.items() if v != version},
+            }
+        )
+        # Only weak references leave: the old Router and Variant die with the requests on them.
+        return await self._change(model, remaining, {})
+
+    async def _change(
+        self, model: str, entry: TrafficEntry, prepared: Mapping[str, Variant]
+    ) -> list[weakref.ref[Variant]]:
+        """Plan `entry` for `model`, write the whole file, then swap (admin path)."""
+        try:  # validated as the file will be read back (model_copy does not validate)
+            entry = TrafficEntry.model_validate(entry.model_dump())
+        except ValidationError as exc:
+            raise InvalidInput(f"traffic of model {model!r} not changed: {problems(exc)}") from None
+        document = self.document.model_copy(
+            update={"models": {**self.document.models, model: entry}}
+        )
+        plans = await self._plan(document, {model: prepared})
+        await self._check_unchanged()
+        try:
+            await asyncio.to_thread(self.store.write, document)
+        except OSError as exc:
+            if exc.errno in READ_ONLY_ERRNOS:
+                raise self._read_only(f"{exc.strerror}") from None
+            raise KdgateError(
+                f"traffic of model {model!r} not changed: could not save {self.store.path}: {exc}"
+            ) from None
+        return self._swap(document, plans)
+
+    async def _check_unchanged(self) -> None:
+        """409 when the file holds a change this process has not applied yet (an edit, another
+        replica's admin change): writing over it would lose that change."""
+        try:
+            on_file = self._desired(await asyncio.to_thread(self.store.snapshot))
+        except (OSError, ValueError):  # unreadable or invalid: the write replaces it
+            return
+        if on_file != self.document:
+            raise Conflict(
+                f"{self.store.path} has changed since this server last applied it (an edit or "
+                f"another replica's change); it is applied within {self._poll_seconds:g} s: "
+                "read the traffic again and retry"
+            )
+
+    def _desired(self, snapshot: Snapshot) -> TrafficDocument:
+        """What `snapshot` asks every process to serve: the file's entries over the config's
+        (the config's alone when there is no file); ValueError for an invalid file."""
+        served = {name: TrafficEntry.of(model) for name, model in self._config.items()}
+        if snapshot.data is None:
+            return TrafficDocument(models=served)
+        return TrafficDocument(models={**served, **self.store.parse(snapshot.data).models})
+
+    async def _plan(
+        self, document: TrafficDocument, prepared: Mapping[str, Mapping[str, Variant]]
+    ) -> dict[str, _Plan]:
+        """Every served model's next Router under `document`: loads what it must (InvalidInput
+        when a version with a share cannot be loaded; nothing is swapped yet)."""
+        deadline = time.monotonic() + self._timeout
+        plans: dict[str, _Plan] = {}
+        for model, current in self.state.routers.items():
+            entry = document.models[model]
+            cards = self._cards[model]
+            variants: dict[str, Variant] = {}
+            not_loaded: dict[str, str] = {}
+            for student in entry.versions:
+                version = student.version
+                ready = prepared.get(model, {}).get(version)
+                if ready is None and cards.get(version) == student.card:
+                    ready = current.variants.get(version)
+                if ready is not None:
+                    variants[version] = ready
+                    continue
+                try:
+                    variants[version] = await _in_own_thread(
+                        deadline, self._prepare, current, student
+                    )
+                except KdgateError as exc:
+                    share = entry.weights.get(version, 0)
+                    if share:
+                        raise InvalidInput(
+                            f"traffic of model {model!r} not changed: version {version!r} "
+                            f"takes {share}% of it but cannot be loaded: {exc.message}"
+                        ) from None
+                    not_loaded[version] = exc.message
+            weights = {v: w for v, w in entry.weights.items() if v in variants}
+            router = Router(model, variants, weights, entry.sticky_header, entry.shadow_fraction)
+            kept = {v: c for v, c in entry.cards().items() if v in variants}
+            plans[model] = _Plan(router, kept, not_loaded)
+        return plans
+
+    def _swap(
+        self, document: TrafficDocument, plans: Mapping[str, _Plan]
+    ) -> list[weakref.ref[Variant]]:
+        """Put every planned Router in service: the only place a Router replaces another.
+        Returns weak references to the variants no longer served."""
+        replaced: list[weakref.ref[Variant]] = []
+        for model, plan in plans.items():
+            before = self.state.routers[model].variants
+            replaced += [
+                weakref.ref(variant)
+                for version, variant in before.items()
+                if plan.router.variants.get(version) is not variant
+            ]
+            for version in set(self.state.not_loaded[model]) - set(plan.not_loaded):
+                self.metrics.not_loaded.remove(model, version)
+            self._cards[model] = plan.cards
+            self.state.not_loaded[model] = plan.not_loaded
+            self.state.routers[model] = plan.router
+            self.state.versions[model] = list(plan.router.variants)
+            self._publish(plan.router, before)
+        self.document = document
+        self._exported()
+        return replaced
+
+    def _exported(self) -> None:
+        """Set the source gauges: where the file differs from the config, what is not loaded."""
+        for model, config in self._config.items():
+            entry = self.document.models.get(model)
+            differs = entry is not None and bool(differing_keys(config, entry))
+            self.metrics.differs.labels(model).set(differs)
+            for version in self.state.not_loaded.get(model, {}):
+                self.metrics.not_loaded.labels(model, version).set(1)
 
     def _prepare(self, current: Router, student: StudentSettings) -> Variant:
         """Build, check and warm a variant (blocking: runs in a worker thread)."""
         model = current.model
         try:
+            _read_card(student.card)  # a FIFO or a device never reaches the loader
             variant = self.build(model, student, signature=current.signature)
         except InvalidInput:
             raise
@@ -247,54 +490,54 @@ class TrafficControl:
         variant.session.warm_up(self.state.settings.server.warmup_runs)
         return variant
 
-    async def _apply(
-        self, current: Router, traffic: TrafficSettings, caller: Caller, action: str
-    ) -> TrafficSettings:
-        model = current.model
-        unknown = sorted(set(traffic.weights) - set(current.variants))
-        if unknown:
-            raise InvalidInput(
-                f"traffic of model {model!r} not changed: weights name versions {unknown} it does "
-                f"not have; loaded versions: {list(current.variants)}"
-            )
-        if not traffic.weights:
-            raise InvalidInput(f"traffic of model {model!r} not changed: weights are empty")
-        router = Router.from_traffic(model, current.variants, traffic)
-        previous = self._previous.get(model)
-        if router.weights != current.weights:
-            previous = current.weights
-        await self._commit(current, router, self._cards[model], previous)
-        before = current.traffic.model_dump()
-        self._audit(caller, action, model, {"before": before, "after": router.traffic.model_dump()})
-        return router.traffic
+    async def _watch(self) -> None:
+        """Poll the traffic file for ever; every error is logged and the loop goes on."""
+        while True:
+            try:
+                snapshot = await asyncio.to_thread(self.store.snapshot)
+                if snapshot.key != self._seen:
+                    await self._follow(snapshot)
+            except Exception as exc:
+                self._refuse("unreadable", f"cannot read {self.store.path}: {exc}")
+            await asyncio.sleep(self._poll_seconds)
 
-    async def _commit(
-        self,
-        current: Router,
-        router: Router,
-        cards: dict[str, Path],
-        previous: dict[str, int] | None,
-    ) -> None:
-        """Save, then swap `router` in: the only place a Router replaces another."""
-        model = router.model
-        entry = SavedModel(
-            students=[StudentSettings(version=v, card=cards[v]) for v in router.variants],
-            traffic=router.traffic,
-            previous_weights=previous,
-        )
-        saved = self.store.saved
-        saved = saved.model_copy(update={"models": {**saved.models, model: entry}})
+    async def _follow(self, snapshot: Snapshot) -> None:
+        """Apply the file as `snapshot` found it, or refuse it loudly."""
         try:
-            await asyncio.to_thread(self.store.write, saved)
-        except OSError as exc:
-            raise KdgateError(
-                f"traffic of model {model!r} not changed: could not save {self.store.path}: {exc}"
-            ) from None
-        self._cards[model] = cards
-        self._previous[model] = previous
-        self.state.routers[model] = router
-        self.state.versions[model] = list(router.variants)
-        self._publish(router, current.variants)
+            document = self._desired(snapshot)
+        except ValueError as exc:
+            self._seen = snapshot.key
+            self._refuse("invalid", str(exc))
+            return
+        # A version left unloaded (weight 0) is tried again whenever the file is touched.
+        if document != self.document or any(self.state.not_loaded.values()):
+            try:
+                async with self._exclusive():
+                    try:
+                        plans = await self._plan(document, {})
+                    except KdgateError as exc:
+                        self._seen = snapshot.key
+                        self._refuse("refused", f"{self.store.path} not applied: {exc.message}")
+                        return
+                    self._swap(document, plans)
+            except DeadlineExceeded:  # an admin change holds the lock: the next poll retries
+                return
+            splits = {m: r.traffic.model_dump() for m, r in self.state.routers.items()}
+            log.info(
+                "traffic: applied %s (%s): %s",
+                self.store.path,
+                snapshot.key[0],
+                orjson.dumps(splits).decode(),
+            )
+        self._seen = snapshot.key
+        self._last_error = None
+
+    def _refuse(self, reason: str, message: str) -> None:
+        """Count every refusal; log each distinct one once (a poll repeats it every second)."""
+        self.metrics.source_errors.labels(reason).inc()
+        if message != self._last_error:
+            log.error("traffic: %s; the last good split keeps serving", message)
+            self._last_error = message
 
     def _publish(self, router: Router, before: Iterable[str] = ()) -> None:
         gauge = self.state.metrics.traffic_weight
@@ -312,6 +555,11 @@ class TrafficControl:
             **change,
         }
         audit_log.info("audit %s", orjson.dumps(line).decode())
+
+
+def _shares(weights: Mapping[str, int]) -> dict[str, int]:
+    """The weights without the versions at 0 (a version left out has weight 0)."""
+    return {version: weight for version, weight in weights.items() if weight}
 
 
 def _read_card(path: Path) -> tuple[Path, ModelCard]:

@@ -168,7 +168,9 @@ async def test_put_changes_only_the_given_fields_and_is_saved(
     assert response.json() == {**expected, "shadow_fraction": 0.25}
     state_dir = settings.admin.state_dir
     saved = json.loads((state_dir / "traffic.json").read_text())["models"]["digits"]
-    assert saved["traffic"] == {**expected, "shadow_fraction": 0.25}
+    split = {k: saved[k] for k in ("weights", "sticky_header", "shadow_fraction")}
+    assert split == {**expected, "shadow_fraction": 0.25}
+    assert [v["version"] for v in saved["versions"]] == ["1", "2"]
     assert saved["previous_weights"] == {"1": 90, "2": 10}
     assert [p.name for p in state_dir.iterdir()] == ["traffic.json"]  # no temp file left
 

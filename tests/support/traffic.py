@@ -44,3 +44,25 @@ def tampered_student(directory: Path, version: str) -> Path:
 def infer_body() -> dict[str, object]:
     """A one-row V2 JSON request for the digits signature."""
     return json_request(ROW)
+
+
+def with_traffic_file(config: Path, traffic_file: Path, **options: object) -> Path:
+    """Point `config` at `traffic_file` (`traffic: {file, **options}`); returns `config`."""
+    data = yaml.safe_load(config.read_text())
+    data["traffic"] = {"file": str(traffic_file), **options}
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def write_traffic_file(
+    path: Path, weights: dict[str, int], cards: dict[str, Path], **rest: object
+) -> None:
+    """A traffic file for model digits (written whole, as `kubectl apply` or an editor would)."""
+    entry = {
+        "versions": [{"version": v, "card": str(c)} for v, c in cards.items()],
+        "weights": weights,
+        **rest,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump({"models": {"digits": entry}}))
+    tmp.replace(path)

@@ -228,7 +228,14 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
 def test_kustomize_output_validates(overlay: str, tmp_path: Path) -> None:
     docs = kustomize(KUBERNETES / overlay)
     kinds = sorted(d["kind"] for d in docs)
-    core = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"]
+    core = [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+    ]
     assert kinds == sorted([*core, *CRD_KINDS])
     for doc in docs:
         if doc["kind"] not in CRD_KINDS:
@@ -272,9 +279,12 @@ def test_deployment_probes_security_and_secrets() -> None:
     }
     assert set(secrets) == {"KDGATE_ADMIN__TOKEN", "KDGATE_WEBHOOK__SECRET"}
     assert not [d for d in docs if d["kind"] == "Secret"], "no secret values are committed"
-    (config_map,) = (d for d in docs if d["kind"] == "ConfigMap")
+    config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     mounted = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
-    assert mounted == {config_map["metadata"]["name"]}
+    assert mounted == config_maps and "kdgate-traffic" in mounted
+    # The traffic ConfigMap is mounted whole (a subPath mount never sees its updates).
+    traffic = next(m for m in container["volumeMounts"] if m["name"] == "traffic")
+    assert "subPath" not in traffic
 
 
 def test_production_overlay_applies() -> None:

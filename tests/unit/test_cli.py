@@ -113,6 +113,13 @@ def test_a_missing_card_file_names_its_key(tmp_path: Path) -> None:
     assert_one_line_error(result, str(config), "models[0].students[0].card", "no such file")
 
 
+def test_a_missing_card_of_a_weight_0_version_is_no_config_error(tmp_path: Path) -> None:
+    config = with_secrets(write_config(tmp_path, {"1": 100, "2": 0}))
+    (tmp_path / "models" / "student-v2.card.json").unlink()
+    result = kdgate("config", "check", str(config))
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
     result = kdgate("config", "check", str(tmp_path / "absent.yaml"))
     assert_one_line_error(result, "absent.yaml", "no such file")

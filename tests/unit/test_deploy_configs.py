@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from kdgate.service.settings import load_settings
+from kdgate.service.traffic_store import TrafficStore
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -93,3 +94,14 @@ def test_kubernetes_pods_are_a_fleet_and_the_image_default_is_one_node(
     # The Secret's value (from secretKeyRef), as the pod would get it.
     monkeypatch.setenv("KDGATE_WEBHOOK__SECRET", "whsec_" + base64.b64encode(bytes(32)).decode())
     assert load_settings(config, environ={}).slo.evaluator == "fleet"
+
+
+def test_the_kubernetes_traffic_file_is_valid_and_agrees_with_the_config() -> None:
+    base = DEPLOY / "kubernetes" / "base"
+    settings = load_settings(base / "config.yaml", environ={})
+    assert settings.traffic.read_only is True
+    assert settings.traffic_file == Path("/etc/kdgate-traffic/traffic.yaml")
+    # Read from the repository copy, as the pod reads it from the mounted ConfigMap.
+    restored = TrafficStore(base / "traffic.yaml").restore(settings)
+    assert restored.differences == {}
+    assert restored.settings == settings
