@@ -77,12 +77,12 @@ class Lifespan:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
         get = asyncio.ensure_future(self._outbox.get())
-        done, _ = await asyncio.wait({get, self._task}, timeout=120, return_when="FIRST_COMPLETED")
+        done, _ = await asyncio.wait({get, self._task}, timeout=600, return_when="FIRST_COMPLETED")
         if get not in done:
             get.cancel()
             if self._task.done():  # an app without a lifespan (the ceiling) just returns
                 return
-            raise RuntimeError(f"lifespan {event} did not answer within 120 s")
+            raise RuntimeError(f"lifespan {event} did not answer within 600 s")
         answer = get.result()
         if answer["type"] != f"lifespan.{event}.complete":
             raise RuntimeError(f"lifespan {event}: {answer}")
