@@ -246,11 +246,13 @@ class Inference:
                 self.body_deadline,
             )
             if protocol == "v2":
+                header_length = headers.get(b"inference-header-content-length")
                 request = protocol_v2.decode_request(
                     body,
-                    protocol_v2.parse_header_length(
-                        headers.get(b"inference-header-content-length"), len(body)
-                    ),
+                    # Checked only when sent: a JSON-only request makes no call for it.
+                    None
+                    if header_length is None
+                    else protocol_v2.parse_header_length(header_length, len(body)),
                     variant.signature,
                 )
                 request_id = answer_id = request.id or request_id or self.new_request_id()
