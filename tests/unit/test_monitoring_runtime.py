@@ -143,3 +143,14 @@ def test_the_drift_pool_starts_its_process_at_the_first_run() -> None:
     finally:
         pool.shutdown()
     assert multiprocessing.active_children() == []
+
+
+def test_the_drift_child_is_replaced_after_its_runs() -> None:
+    """A long-lived pandas/Evidently process grows run after run: a fresh one bounds it."""
+    pool = LazyProcessPool(runs_per_child=2)
+    try:
+        pids = [pool.submit(os.getpid).result(timeout=60) for _ in range(5)]
+    finally:
+        pool.shutdown()
+    assert os.getpid() not in pids
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
