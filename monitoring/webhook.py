@@ -271,8 +271,11 @@ class Notifier:
                     log.warning("webhook delivery works again after %d failed rounds", failures)
                 failures = 0
                 wait = self._config.poll_seconds
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+            # arrives as the event is set (a wake() during stop), and the task never ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def deliver_due(self) -> int:
         """One round: claim due entries (in a thread) and POST each. Returns how many were tried."""

@@ -140,6 +140,9 @@ def input_tap(buffer: InputBuffer, width: int) -> InputTap:
     return tap
 
 
+# How long `stop` waits for its background tasks (monitor, drift jobs, notifier) in all.
+STOP_TASKS_SECONDS = 30.0
+
 # Drift runs one child process serves before a fresh one replaces it (about an hour at the
 # default cadence of one run a minute).
 DRIFT_RUNS_PER_CHILD = 60
@@ -306,7 +309,13 @@ class MonitoringRuntime:
             # An entry being delivered stays leased in the outbox and is retried after a restart.
             self._notifier_task.cancel()
             self._tasks.append(self._notifier_task)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded: a task that ignores its stop (a bug, a drift run stuck in the child) is
+            # named in the log and left behind rather than holding the shutdown for good.
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TASKS_SECONDS)
+            for task in stuck:
+                log.error("%s did not stop within %g s; abandoned", task, STOP_TASKS_SECONDS)
+                task.cancel()
         self._tasks.clear()
         if self.drift_pool is not None:
             await asyncio.to_thread(self.drift_pool.shutdown, True, cancel_futures=True)
