@@ -87,7 +87,14 @@ class LoadStats:
     feedback_sent: int = 0
     feedback_ok: int = 0
     feedback_missing: int = 0  # the server has no feedback endpoint (404)
+    # What went wrong, by HTTP status ("503") or exception name ("ReadTimeout").
+    error_kinds: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+
+    def failed(self, kind: str) -> None:
+        """Count one failed request of `kind`."""
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
 
     def quantile(self, q: float) -> float:
         """Latency quantile in seconds (NaN without answers)."""
@@ -135,11 +142,11 @@ async def run_load(config: LoadConfig, *, stop: asyncio.Event | None = None) -> 
             started = time.perf_counter()
             try:
                 response = await client.post(infer_url, json=_body(request_id, rows))
-            except httpx.HTTPError:
-                stats.errors += 1
+            except httpx.HTTPError as exc:
+                stats.failed(type(exc).__name__)
                 return
             if response.status_code != 200:
-                stats.errors += 1
+                stats.failed(str(response.status_code))
                 return
             stats.ok += 1
             stats.latencies.append(time.perf_counter() - started)
