@@ -126,7 +126,9 @@ def config(directory: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--warmup-minutes", type=float, default=5.0)
+    # Both bounded pools of the feedback store (50,000 predictions, then as many tombstones)
+    # are full after ~8.5 min at 200 requests/s: the memory plateau starts there.
+    parser.add_argument("--warmup-minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=200, help="requests per second")
     parser.add_argument("--feedback", type=float, default=0.5, help="share labelled")
     parser.add_argument("--every", type=float, default=30.0, help="seconds between readings")
