@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdgate.monitoring.card_figures import CardFigures
+from kdgate.service.datatypes import Datatype
 
 CARD_SCHEMA_VERSION = 1
 
@@ -26,7 +27,7 @@ class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    datatype: Literal["FP32", "FP64", "INT64", "INT32"]
+    datatype: Datatype
     shape: list[int]
 
 
@@ -45,14 +46,36 @@ class ModelCard(BaseModel):
     parameters: int = Field(ge=0, default=0)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    output_kind: Literal["logits", "probabilities"] = "logits"
-    class_labels: list[str]
+    # What the scores output holds: class logits, class probabilities (rows sum to 1), or
+    # regression values (compared by error, without agreement or calibration).
+    output_kind: Literal["logits", "probabilities", "regression"] = "logits"
+    # The output holding the class scores (or the regression values); None: see `scores_output`.
+    scores_output: str | None = None
+    class_labels: list[str] = Field(default_factory=list)
     parent_teacher_sha256: str | None = None
     dataset: dict[str, Any] = Field(default_factory=dict)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     metrics: CardFigures = Field(default_factory=CardFigures)
     created_at: str = ""
     kdgate_version: str = ""
+
+
+SCORES_NAMES = ("logits", "probabilities", "output_probability", "scores", "output")
+
+
+def scores_output(card: ModelCard) -> str | None:
+    """The output compared with the teacher: the card's `scores_output`, else the only output,
+    else the first output named like scores (logits, probabilities, ...); None if none is.
+
+    Classifiers converted from scikit-learn have a `label` and a `probabilities` output: the
+    rule picks `probabilities` without configuration.
+    """
+    names = [t.name for t in card.outputs]
+    if card.scores_output is not None:
+        return card.scores_output if card.scores_output in names else None
+    if len(names) == 1:
+        return names[0]
+    return next((n for n in SCORES_NAMES if n in names), None)
 
 
 class ModelFileMismatch(Exception):
@@ -98,5 +121,8 @@ def write_card(card_path: Path | str, card: ModelCard) -> None:
     """Write a card as indented JSON (atomically: a reader never sees half a card)."""
     path = Path(card_path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(card.model_dump_json(indent=2) + "\n")
+    # An unset `scores_output` is left out: the rule in `scores_output` decides, and cards
+    # written before the field existed stay byte for byte the same.
+    unset = {"scores_output"} if card.scores_output is None else None
+    tmp.write_text(card.model_dump_json(indent=2, exclude=unset) + "\n")
     tmp.replace(path)

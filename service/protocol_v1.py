@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kdgate.service.datatypes import NUMPY_DTYPES
 from kdgate.service.errors import InvalidInput
 from kdgate.service.protocol_v2 import parse_json
-from kdgate.service.tensors import NUMPY_DTYPES, Signature, array_from_data
+from kdgate.service.tensors import Signature, array_from_data
 
 
 def decode_request(

@@ -20,10 +20,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
+from kdgate.service.datatypes import NUMPY_DTYPES, V2_DATATYPES
 from kdgate.service.errors import InvalidInput
 from kdgate.service.tensors import (
-    NUMPY_DTYPES,
-    V2_DATATYPES,
     Signature,
     array_from_bytes,
     array_from_data,

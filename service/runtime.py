@@ -17,11 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from kdgate.service.cards import ModelCard, load_card, verify_model_file
-from kdgate.service.tensors import NUMPY_DTYPES, Signature
-
-# onnxruntime element type names for the card datatypes.
-_ORT_TYPES = {"FP32": "tensor(float)", "FP64": "tensor(double)", "INT32": "tensor(int32)",
-              "INT64": "tensor(int64)"}  # fmt: skip
+from kdgate.service.datatypes import NUMPY_DTYPES, ORT_TYPES
+from kdgate.service.tensors import Signature
 
 
 class SignatureMismatch(Exception):
@@ -93,7 +90,7 @@ class StudentSession:
             (self.card.inputs, self._session.get_inputs(), "inputs"),
             (self.card.outputs, self._session.get_outputs(), "outputs"),
         ):
-            want = [(t.name, _ORT_TYPES[t.datatype], len(t.shape)) for t in declared]
+            want = [(t.name, ORT_TYPES[t.datatype], len(t.shape)) for t in declared]
             got = [(a.name, a.type, len(a.shape)) for a in actual]
             if want != got:
                 raise SignatureMismatch(f"{self.card.file}: card {kind} {want} but graph has {got}")

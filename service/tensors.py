@@ -17,16 +17,8 @@ from typing import Any
 import numpy as np
 
 from kdgate.service.cards import ModelCard, TensorSpec
+from kdgate.service.datatypes import NUMPY_DTYPES, V2_DATATYPES
 from kdgate.service.errors import InvalidInput
-
-# Open Inference Protocol datatype -> numpy dtype, for the datatypes a card may declare.
-NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-}
-V2_DATATYPES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 
 # numpy kinds a JSON number may decode to, per target kind: ints are fine for a float input,
 # floats are not fine for an int input (silently truncating 1.7 to 1 would change the answer).
