@@ -1,8 +1,9 @@
 """The ceiling: the least a V2 JSON inference server can do, as a bare ASGI app.
 
 No framework, orjson in and out, onnxruntime run inline on the event loop (a ~50 us model run
-costs less than a hop to a thread). It answers `POST /v2/models/{name}/infer` (JSON tensors, any
-batch, `id` echoed) and `/v2/health/{live,ready}`, so it doubles as a stand-in remote teacher:
+costs less than a hop to a thread). It answers `POST /v2/models/{name}/infer` (JSON tensors of
+the numeric V2 datatypes, every input by name, any batch, `id` echoed) and
+`/v2/health/{live,ready}`, so it doubles as a stand-in remote teacher:
 `--delay-ms` makes it a slow one.
 
     python -m bench.ceiling --model M.onnx --name digits --port 8001 [--delay-ms 200]
@@ -29,21 +30,25 @@ _JSON = [(b"content-type", b"application/json")]
 _LIVE = orjson.dumps({"live": True})
 _READY = orjson.dumps({"ready": True})
 _NOT_FOUND = orjson.dumps({"error": "not found"})
+_DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64}
 
 
 def build_app(onnx_path: Path, name: str, version: str = "1", delay_s: float = 0.0) -> App:
     """The ASGI app serving one ONNX model under `name`; `delay_s` is added to every infer."""
     sess = session(onnx_path)
-    input_name = sess.get_inputs()[0].name
     output_name = sess.get_outputs()[0].name
     infer_path = f"/v2/models/{name}/infer"
 
     def infer(body: bytes) -> tuple[int, bytes]:
         try:
             request = orjson.loads(body)
-            tensor = request["inputs"][0]
-            rows = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
-            logits = sess.run([output_name], {input_name: rows})[0]
+            feed = {
+                tensor["name"]: np.asarray(
+                    tensor["data"], dtype=_DTYPES[tensor["datatype"]]
+                ).reshape(tensor["shape"])
+                for tensor in request["inputs"]
+            }
+            logits = sess.run([output_name], feed)[0]
         except Exception as exc:  # the ceiling validates nothing; any failure is the caller's
             return 400, orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})
         response: dict[str, Any] = {

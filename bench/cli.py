@@ -17,10 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from bench import k6, machine, scenarios, wrk
-from bench.model import payload_row, resolve_models, session, v2_body
+from bench import k6, machine, scenarios, workloads, wrk
 from bench.report import COMPARISONS, evaluate_all, ratio_lines, table
 from bench.results import ScenarioResult, median_result
 from bench.run import Settings, measure
@@ -92,17 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kdgate-bench-") as tmp:
         workdir = Path(tmp)
-        student, teacher = resolve_models(workdir)
-        if student.standin:
+        used = {
+            scenario.workload: workloads.build(scenario.workload, workdir) for scenario in chosen
+        }
+        if "digits" in used and used["digits"].student.standin:
             print("bench: models/digits/student-v1.card.json missing; using a stand-in MLP")
-        row = payload_row()
-        expected = session(student.onnx).run(None, {"input": row.reshape(1, -1)})[0]
         settings = Settings(
             workdir=workdir,
-            student=student,
-            teacher=teacher,
-            body=v2_body(row),
-            expected=np.asarray(expected, dtype=np.float32),
+            workloads=used,
             duration_s=args.duration,
             warmup_s=args.warmup,
             connections=args.connections,
@@ -140,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "server_core": server_core,
             "client_core": client_core,
-            "student": {"card": str(student.card.name), "standin": student.standin},
+            "students": {
+                name: {"card": work.student.card.name, "standin": work.student.standin}
+                for name, work in used.items()
+            },
         },
         "elapsed_s": round(time.monotonic() - started, 1),
         "scenarios": {name: result.to_dict() for name, result in results.items()},

@@ -83,6 +83,18 @@ COMPARISONS: tuple[Comparison, ...] = (
         )
         for metric in ("rate.p50_ms", "rate.p95_ms")
     ),
+    # Issue 14: a heavier student (the text pair), kdgate against the ceiling on the same model.
+    *(
+        Comparison(
+            f"text {rows} kdgate / ceiling {label}", f"kdgate-{w}", f"ceiling-{w}", metric, **bound
+        )
+        for w, rows in (("text-b1", "batch 1"), ("text-b32", "batch 32"))
+        for label, metric, bound in (
+            ("throughput (c16)", "c16.rps", {"at_least": 0.75}),
+            ("p50 (c1)", "c1.p50_ms", {}),
+            ("CPU per request", "c16.cpu_us_per_request", {}),
+        )
+    ),
 )
 
 

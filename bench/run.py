@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from bench import k6, procstat, servers, wrk
-from bench.model import ModelFiles
 from bench.results import LoadResult, Phase, ScenarioResult
 from bench.scenarios import Scenario, kdgate_config
-
-INFER_PATH = "/v2/models/digits/infer"
+from bench.workloads import Workload, WorkloadName
 
 
 @dataclass(frozen=True)
@@ -32,10 +29,7 @@ class Settings:
     """What every scenario of a run shares."""
 
     workdir: Path
-    student: ModelFiles
-    teacher: ModelFiles
-    body: bytes
-    expected: np.ndarray  # the student's logits for `body`, from onnxruntime in this process
+    workloads: Mapping[WorkloadName, Workload]  # every workload a chosen scenario uses
     duration_s: float
     warmup_s: float
     connections: int
@@ -50,15 +44,16 @@ def measure(scenario: Scenario, settings: Settings) -> ScenarioResult:
     result = ScenarioResult(scenario.name, scenario.server, scenario.description)
     try:
         with contextlib.ExitStack() as stack:
+            work = settings.workloads[scenario.workload]
             port = servers.free_port()
-            command = _server_command(scenario, settings, port, stack)
+            command = _server_command(scenario, work, settings, port, stack)
             log = settings.workdir / f"{scenario.name}.log"
             proc = stack.enter_context(
                 servers.running(command, port=port, core=settings.server_core, log=log)
             )
-            url = f"http://127.0.0.1:{port}{INFER_PATH}"
-            servers.check_answer(url, settings.body, settings.expected)
-            _phases(result, url, proc.pid, settings)
+            url = f"http://127.0.0.1:{port}{work.infer_path}"
+            servers.check_answer(url, work.body, work.expected)
+            _phases(result, url, work.body, proc.pid, settings)
             result.rss_kib, result.hwm_kib = procstat.memory_kib(proc.pid)
     except Exception as exc:  # one broken scenario must not hide the others' figures
         result.error = f"{type(exc).__name__}: {exc}"
@@ -66,21 +61,24 @@ def measure(scenario: Scenario, settings: Settings) -> ScenarioResult:
 
 
 def _server_command(
-    scenario: Scenario, settings: Settings, port: int, stack: contextlib.ExitStack
+    scenario: Scenario,
+    work: Workload,
+    settings: Settings,
+    port: int,
+    stack: contextlib.ExitStack,
 ) -> list[str]:
     """The command for the scenario's server, after starting its sidecar if it has one."""
-    student_onnx = settings.student.onnx
     if scenario.server in ("ceiling", "naive"):
-        return servers.bench_server_command(scenario.server, student_onnx, "digits")
+        return servers.bench_server_command(scenario.server, work.student.onnx, work.model)
     placeholders = {
-        "student_card": str(settings.student.card),
-        "teacher_card": str(settings.teacher.card),
+        "student_card": str(work.student.card),
+        "teacher_card": str(work.teacher.card),
     }
     if scenario.sidecar is not None:
         sidecar_port = servers.free_port()
         placeholders["sidecar_url"] = f"http://127.0.0.1:{sidecar_port}"
         if scenario.sidecar.running:
-            files = settings.teacher if scenario.sidecar.model == "teacher" else settings.student
+            files = work.teacher if scenario.sidecar.model == "teacher" else work.student
             sidecar = servers.bench_server_command(
                 "ceiling", files.onnx, scenario.sidecar.name, scenario.sidecar.delay_ms
             )
@@ -98,19 +96,23 @@ def _server_command(
                 )
             )
     config = kdgate_config(
-        scenario, port=port, student_card=str(settings.student.card), placeholders=placeholders
+        scenario,
+        port=port,
+        student_card=str(work.student.card),
+        placeholders=placeholders,
+        model_name=work.model,
     )
     config_path = settings.workdir / f"{scenario.name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return [*servers.kdgate_command(), "serve", "--config", str(config_path)]
 
 
-def _phases(result: ScenarioResult, url: str, pid: int, settings: Settings) -> None:
+def _phases(result: ScenarioResult, url: str, body: bytes, pid: int, settings: Settings) -> None:
     client = servers.pin(settings.client_core)
     script = settings.workdir / "post.lua"
-    script.write_text(wrk.lua_script(settings.body))
+    script.write_text(wrk.lua_script(body))
     body_file = settings.workdir / "body.json"
-    body_file.write_bytes(settings.body)
+    body_file.write_bytes(body)
 
     def closed_loop(connections: int, seconds: float) -> Callable[[], LoadResult]:
         return lambda: wrk.run(url, script, connections=connections, duration_s=seconds, pin=client)

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bench.workloads import WorkloadName
+
 ServerKind = Literal["ceiling", "naive", "kdgate"]
 
 
@@ -44,6 +46,7 @@ class Scenario:
     config: Mapping[str, Any] = field(default_factory=dict)  # merged into the kdgate config root
     model: Mapping[str, Any] = field(default_factory=dict)  # merged into its `models[0]` entry
     sidecar: Sidecar | None = None
+    workload: WorkloadName = "digits"  # the model pair and request (bench/workloads.py)
 
 
 DEFAULT: tuple[Scenario, ...] = (
@@ -100,7 +103,16 @@ SHADOW: tuple[Scenario, ...] = (
 # rate.p95_ms with the "kdgate" scenario's.
 DRIFT: tuple[Scenario, ...] = ()
 
-ALL: tuple[Scenario, ...] = DEFAULT + SHADOW + DRIFT
+# A heavier student (bench/workloads.py): kdgate against the ceiling on the same text model, one
+# row and 32 rows per request, where the model's run is most of the work.
+TEXT: tuple[Scenario, ...] = (
+    Scenario("ceiling-text-b1", "ceiling", "bare ASGI ceiling, 1 text row", workload="text-b1"),
+    Scenario("kdgate-text-b1", "kdgate", "kdgate serve, 1 text row", workload="text-b1"),
+    Scenario("ceiling-text-b32", "ceiling", "bare ASGI ceiling, 32 text rows", workload="text-b32"),
+    Scenario("kdgate-text-b32", "kdgate", "kdgate serve, 32 text rows", workload="text-b32"),
+)
+
+ALL: tuple[Scenario, ...] = DEFAULT + SHADOW + DRIFT + TEXT
 
 
 def select(names: list[str] | None) -> list[Scenario]:
@@ -139,11 +151,16 @@ def fill(value: Any, placeholders: Mapping[str, str]) -> Any:
 
 
 def kdgate_config(
-    scenario: Scenario, *, port: int, student_card: str, placeholders: Mapping[str, str]
+    scenario: Scenario,
+    *,
+    port: int,
+    student_card: str,
+    placeholders: Mapping[str, str],
+    model_name: str = "digits",
 ) -> dict[str, Any]:
     """The kdgate YAML config (as a dict) for `scenario`: one model, one student, its overrides."""
     baseline = {
-        "name": "digits",
+        "name": model_name,
         "students": [{"version": "1", "card": student_card}],
         # Explicitly off: kdgate's default fraction is not 0, and the baseline has no teacher.
         "traffic": {"shadow_fraction": 0.0},

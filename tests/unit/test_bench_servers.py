@@ -14,8 +14,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from bench import ceiling, naive
+from bench import ceiling, naive, workloads
 from bench.model import payload_row, session, standin_mlp_bytes, v2_body
+from kdgate.service.cards import load_card, verify_model_file
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,33 @@ def test_naive_answers_v2_like_numpy(standin: Path) -> None:
     )
     assert unknown.status_code == 404
     assert ready.status_code == 200
+
+
+def _text_forward(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The text model of bench/workloads.py in numpy: embed, token MLP, masked mean, linear."""
+    w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    tokens = w["embedding"][feed["input_ids"]]
+    hidden = np.maximum(tokens @ w["w1"] + w["b1"], 0) @ w["w2"]
+    mask = feed["attention_mask"][..., None].astype(np.float32)
+    pooled = (hidden * mask).sum(axis=1) / (mask.sum(axis=1) + 1e-6)
+    return np.asarray(pooled @ w["wc"] + w["bc"])
+
+
+@pytest.mark.parametrize("workload", ["text-b1", "text-b32"])
+def test_the_text_workload_is_served_by_the_ceiling_like_numpy(
+    workload: workloads.WorkloadName, tmp_path: Path
+) -> None:
+    work = workloads.build(workload, tmp_path)
+    rows = 32 if workload == "text-b32" else 1
+    feed = workloads.text_feed(rows)
+    assert feed["input_ids"].shape == feed["attention_mask"].shape == (rows, 64)
+    # The card verifies against the file it names, as kdgate checks before serving it.
+    verify_model_file(work.student.card, load_card(work.student.card))
+    want = _text_forward(work.student.onnx, feed)
+    np.testing.assert_allclose(work.expected, want, rtol=1e-4, atol=1e-5)
+    (answer,) = _calls(
+        ceiling.build_app(work.student.onnx, "text"), ("POST", work.infer_path, work.body)
+    )
+    assert answer.status_code == 200
+    (output,) = answer.json()["outputs"]
+    np.testing.assert_allclose(np.reshape(output["data"], (rows, 4)), want, rtol=1e-4, atol=1e-5)
