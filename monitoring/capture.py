@@ -84,7 +84,9 @@ class CaptureStore:
         if not x or y.ndim == 0 or any(len(a) != len(y) for a in x.values()):
             shapes = {name: a.shape for name, a in x.items()}
             raise ValueError(f"need inputs and scores of N rows each, got {shapes} and {y.shape}")
-        signature = (tuple((n, a.dtype, a.shape[1:]) for n, a in x.items()), y.shape[1:])
+        # Strings of any width concatenate (to the widest): their width is no part of it.
+        kinds = {n: a.dtype.kind if a.dtype.kind == "S" else a.dtype for n, a in x.items()}
+        signature = (tuple((n, kinds[n], a.shape[1:]) for n, a in x.items()), y.shape[1:])
         if self._buffered and signature != self._signature:
             self.flush()  # one segment holds one signature, so its arrays concatenate
         self._signature = signature

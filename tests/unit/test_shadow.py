@@ -1,7 +1,7 @@
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +33,15 @@ class LinearTeacher:
         self.busy = False
         self.fail = False
 
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
-        self.calls.append(len(batch))
+    async def infer(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.calls.append(len(batch["x"]))
         self.busy = True
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
             if self.fail:
                 raise TeacherError("down")
-            return (batch @ W_TEACHER).astype(np.float32)
+            return (batch["x"] @ W_TEACHER).astype(np.float32)
         finally:
             self.busy = False
 
@@ -59,7 +59,7 @@ class Clock:
 
 def _sample(i: int, rows: int = 1, version: str = "1") -> ShadowSample:
     x = np.random.default_rng(i).uniform(-2, 2, size=(rows, 8)).astype(np.float32)
-    return ShadowSample(f"req-{i}", version, x, (x @ W_STUDENT).astype(np.float32))
+    return ShadowSample(f"req-{i}", version, {"x": x}, (x @ W_STUDENT).astype(np.float32))
 
 
 def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -127,7 +127,7 @@ def test_worker_records_fidelity_capture_and_teacher_predictions(tmp_path: Path)
         capture = CaptureStore(tmp_path, segment_rows=64, max_rows=10_000)
         feedback = FeedbackStore(recorder)
         for s in samples:
-            feedback.put(s.request_id, s.version, s.student_logits, shadowed=True)
+            feedback.put(s.request_id, s.version, s.student_scores, shadowed=True)
         teacher = LinearTeacher()
         worker = ShadowWorker(
             queue, teacher, recorder, capture=capture, feedback=feedback, max_batch=16
@@ -146,7 +146,7 @@ def test_worker_records_fidelity_capture_and_teacher_predictions(tmp_path: Path)
     assert _value(registry, "kdgate_shadow_queue_depth", model="digits") == 0
     for version in ("1", "2"):
         mine = [s for s in samples if s.version == version]
-        x = np.concatenate([s.inputs for s in mine]).astype(np.float64)
+        x = np.concatenate([s.inputs["x"] for s in mine]).astype(np.float64)
         t, st = x @ W_TEACHER, x @ W_STUDENT
         pt = np.exp(t - t.max(1, keepdims=True))
         ps = np.exp(st - st.max(1, keepdims=True))
@@ -163,15 +163,16 @@ def test_worker_records_fidelity_capture_and_teacher_predictions(tmp_path: Path)
     stored_x, stored_t = [], []
     for path in sorted(tmp_path.glob("*.npz")):
         with np.load(path, allow_pickle=False) as npz:
-            stored_x.append(npz["inputs"])
-            stored_t.append(npz["teacher_logits"])
-    all_x = np.concatenate([s.inputs for s in samples])
+            assert str(npz["teacher_kind"]) == "logits"
+            stored_x.append(npz["inputs/x"])
+            stored_t.append(npz["teacher_scores"])
+    all_x = np.concatenate([s.inputs["x"] for s in samples])
     np.testing.assert_array_equal(np.concatenate(stored_x), all_x)
     np.testing.assert_allclose(np.concatenate(stored_t), all_x @ W_TEACHER, rtol=1e-5, atol=1e-5)
     # The teacher's logits reached the feedback store: a label now also counts for the teacher.
     answer = feedback.apply_feedback([{"id": "req-0", "label": 0}])
     assert answer["accepted"] == 1
-    _, confidence = fidelity.top1(samples[0].inputs @ W_TEACHER)
+    _, confidence = fidelity.top1(samples[0].inputs["x"] @ W_TEACHER)
     teacher_bin = str(fidelity.bin_index(confidence)[0])
     labels = {"model": "digits", "version": "teacher", "reference": "label", "bin": teacher_bin}
     assert _value(registry, "kdgate_calibration_samples_total", **labels) == 1
