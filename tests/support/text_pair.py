@@ -162,3 +162,68 @@ def token_batch(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.nda
     lengths = rng.integers(1, LENGTH + 1, rows)
     mask = (np.arange(LENGTH)[None, :] < lengths[:, None]).astype(np.int64)
     return ids, mask
+
+
+TEACHER_SEED = 1
+STUDENT_SEED = 7
+CLASSES = 4
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A student and teacher card written by `write_pair`, and the weights behind them."""
+
+    student: Path
+    teacher: Path
+    student_weights: TextWeights
+    teacher_weights: TextWeights
+
+
+def write_pair(
+    directory: Path,
+    *,
+    student_kind: str = "logits",
+    teacher_kind: str = "logits",
+    teacher_names: tuple[str, str] = ("input_ids", "attention_mask"),
+    classes: int = CLASSES,
+    teacher_classes: int | None = None,
+) -> Pair:
+    """A student that mostly follows its teacher (the teacher's weights plus noise)."""
+    teacher_weights = text_weights(TEACHER_SEED, teacher_classes or classes)
+    student_weights = text_weights(STUDENT_SEED, classes, noise_of=TEACHER_SEED)
+    ids_name, mask_name = teacher_names
+    return Pair(
+        student=write_model(directory, "student", student_weights, kind=student_kind),
+        teacher=write_model(
+            directory,
+            "teacher",
+            teacher_weights,
+            role="teacher",
+            kind=teacher_kind,
+            ids_name=ids_name,
+            mask_name=mask_name,
+        ),
+        student_weights=student_weights,
+        teacher_weights=teacher_weights,
+    )
+
+
+def v2_text_body(request_id: str, ids: np.ndarray, mask: np.ndarray) -> dict[str, object]:
+    """A V2 JSON request with both INT64 inputs."""
+    return {
+        "id": request_id,
+        "inputs": [
+            {
+                "name": "input_ids",
+                "shape": list(ids.shape),
+                "datatype": "INT64",
+                "data": ids.ravel().tolist(),
+            },
+            {
+                "name": "attention_mask",
+                "shape": list(mask.shape),
+                "datatype": "INT64",
+                "data": mask.ravel().tolist(),
+            },
+        ],
+    }
