@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax as scipy_log_softmax
-from scipy.special import softmax
-from scipy.special import rel_entr
+from scipy.special import rel_entr, softmax
 from scipy.stats import entropy
 
 from kdgate.monitoring import fidelity
