@@ -8,7 +8,9 @@ weights (tests/support/text_pair.py), never against kdgate's own maths.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from scipy.special import softmax
 
+from kdgate.monitoring.fidelity import compare
+from kdgate.monitoring.outbox import Outbox
 from kdgate.service.app import create_app
 from kdgate.service.settings import Settings
 from tests.support.asgi import running
@@ -38,7 +42,7 @@ REQUESTS = 60
 ROWS = 3  # per request: 180 rows compared
 
 
-def settings_for(pair: Pair, **teacher: Any) -> Settings:
+def settings_for(pair: Pair, sections: dict[str, Any] | None = None, **teacher: Any) -> Settings:
     return Settings.model_validate(
         {
             "server": {"warmup_runs": 1},
@@ -51,6 +55,7 @@ def settings_for(pair: Pair, **teacher: Any) -> Settings:
                 }
             ],
             "drift": {"enabled": False},
+            **(sections or {}),
         }
     )
 
@@ -247,3 +252,64 @@ async def test_a_pair_that_cannot_be_compared_still_serves_with_comparison_off(
     assert value(text, "kdgate_shadow_total", model="text") == 0
     lines = [r.getMessage() for r in caplog.records if "comparison" in r.getMessage()]
     assert len(lines) == 1 and reason in lines[0], lines
+
+
+async def test_the_capture_holds_every_input_and_the_retrain_request_says_where(
+    tmp_path: Path,
+) -> None:
+    pair = write_pair(tmp_path, student_kind="logits", teacher_kind="probabilities")
+    secret = "whsec_" + base64.b64encode(b"pairs test signing key, 32 bytes").decode()
+    settings = settings_for(
+        pair,
+        sections={
+            "shadow": {"capture": {"dir": str(tmp_path / "capture"), "segment_rows": 16}},
+            "slo": {"min_samples": 10, "consecutive_breaches": 1, "evaluate_every_seconds": 0.05},
+            "webhook": {
+                "url": "http://127.0.0.1:9/retrain",
+                "secret": secret,
+                "outbox_path": str(tmp_path / "outbox.sqlite3"),
+                "group_wait_seconds": 3600,
+            },
+        },
+    )
+    requests = traffic(seed=8)
+    ids = np.concatenate([r[1] for r in requests])
+    mask = np.concatenate([r[2] for r in requests])
+    registry = CollectorRegistry()
+    app = create_app(settings, registry=registry)
+    async with running(app) as client:
+        for request_id, x, m in requests:
+            r = await client.post("/v2/models/text/infer", json=v2_text_body(request_id, x, m))
+            assert r.status_code == 200
+        await wait_for(registry, "compared", len(ids))
+        runtime = app.state.monitoring
+        await runtime.models["text"].capture.drain()
+        teacher = np.random.default_rng(0).normal(0, 3, (50, 4))
+        runtime.window.add_comparison("text", "1", compare(-teacher, teacher))  # a breach
+        outbox = Outbox(tmp_path / "outbox.sqlite3")
+        deadline = time.monotonic() + 10
+        while not outbox.entries():
+            assert time.monotonic() < deadline, "no retrain request"
+            await asyncio.sleep(0.05)
+        (entry,) = outbox.entries()[:1]
+    where = entry.payload["data"]["capture"]
+    assert where == {
+        "dir": str((tmp_path / "capture" / "text").resolve()),
+        "rows": len(ids),
+        "format": "npz",
+    }
+    segments = sorted(Path(where["dir"]).glob("*.npz"))
+    arrays: dict[str, list[np.ndarray]] = {}
+    for path in segments:
+        with np.load(path, allow_pickle=False) as npz:
+            assert str(npz["teacher_kind"]) == "probabilities"
+            for key in ("inputs/input_ids", "inputs/attention_mask", "teacher_scores"):
+                arrays.setdefault(key, []).append(npz[key])
+    np.testing.assert_array_equal(np.concatenate(arrays["inputs/input_ids"]), ids)
+    np.testing.assert_array_equal(np.concatenate(arrays["inputs/attention_mask"]), mask)
+    np.testing.assert_allclose(
+        np.concatenate(arrays["teacher_scores"]),
+        softmax(reference_scores(pair.teacher_weights, ids, mask), axis=1),
+        rtol=1e-5,
+        atol=1e-7,
+    )
