@@ -298,18 +298,28 @@ async def test_the_capture_holds_every_input_and_the_retrain_request_says_where(
         "rows": len(ids),
         "format": "npz",
     }
-    segments = sorted(Path(where["dir"]).glob("*.npz"))
-    arrays: dict[str, list[np.ndarray]] = {}
-    for path in segments:
-        with np.load(path, allow_pickle=False) as npz:
-            assert str(npz["teacher_kind"]) == "probabilities"
-            for key in ("inputs/input_ids", "inputs/attention_mask", "teacher_scores"):
-                arrays.setdefault(key, []).append(npz[key])
-    np.testing.assert_array_equal(np.concatenate(arrays["inputs/input_ids"]), ids)
-    np.testing.assert_array_equal(np.concatenate(arrays["inputs/attention_mask"]), mask)
+    arrays = load_segments(Path(where["dir"]))
+    assert str(arrays["teacher_kind"]) == "probabilities"
+    np.testing.assert_array_equal(arrays["inputs/input_ids"], ids)
+    np.testing.assert_array_equal(arrays["inputs/attention_mask"], mask)
     np.testing.assert_allclose(
-        np.concatenate(arrays["teacher_scores"]),
+        arrays["teacher_scores"],
         softmax(reference_scores(pair.teacher_weights, ids, mask), axis=1),
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+def load_segments(directory: Path) -> dict[str, np.ndarray]:
+    """Every array of a capture directory's segments, concatenated in name (age) order."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for path in sorted(directory.glob("*.npz")):
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                parts.setdefault(key, []).append(npz[key])
+    kind = {str(k) for k in parts.pop("teacher_kind")}
+    assert len(kind) == 1
+    return {
+        "teacher_kind": np.array(kind.pop()),
+        **{k: np.concatenate(v) for k, v in parts.items()},
+    }
