@@ -9,11 +9,16 @@ lifespan.
 Per model, `start` builds:
     FidelityRecorder (counters + the recent window), FeedbackStore         (every model)
     teacher (local ONNX thread | remote OIP over httpx), CircuitBreaker,
-    ShadowQueue, CaptureStore, ShadowWorker, ModelShadow                    (models with a teacher)
+    ShadowQueue, CaptureStore, ShadowWorker, ModelShadow     (models with a comparable teacher)
     InputBuffer + DriftJob                         (drift on and the model has a reference sample)
 and once: the SLO `Monitor` (reads the same `RecentWindow` as `GET /v1/fidelity`), the outbox
 (opened at start when `webhook.url` is set, else at the first Alertmanager hook call) and the
 notifier (while `webhook.url` is set).
+
+Whether a student and its teacher can be compared, and through which outputs, names and kinds,
+is `service.pairing`'s answer; a pair that cannot be is served with comparison off
+(`kdgate_comparison_enabled{model} 0` and one warning). A regression model keeps only its
+latency and drift objectives.
 
 `consume` is the runtime's side of the request log, on the event loop: per model, the inputs of
 successful requests go to the drift buffer and the predictions to `ModelShadow.observe_many`.
