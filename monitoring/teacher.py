@@ -128,7 +128,8 @@ class RemoteOipTeacher:
     `infer`, at the lowest priority; the caller's contextvars, e.g. the current trace span, are
     carried over to it). Each `infer` is one `POST {url}/v2/models/{model}[/versions/{v}]/infer`
     with every input of the batch as one tensor of its V2 datatype (`input_datatypes`, by student
-    input name, as the student's card declares them; JSON), named as `input_map` says, else by
+    input name, as the student's card declares them; default: one FP32 `input`, the digits
+    signature; JSON), named as `input_map` says, else by
     the student's name, asking for `output_name` only, ending within
     `timeout_seconds` in total, however slowly the teacher answers, when the client's transport is a
     `monitoring.deadline.DeadlineTransport` (service/monitoring_runtime.py builds it so; on another
