@@ -1,9 +1,13 @@
 """Captured (input, teacher logits) pairs: the training set of a retrain.
 
-A capture is one .npz file or a directory of them (read in name order), each holding
-`inputs` float32 [N, 64] (raw pixels), `teacher_logits` float32 [N, 10] and optionally
-`labels` int64 [N]. A file without `labels`, or a label of -1, marks rows the student learns from
-the teacher alone (alpha = 0 for those rows). Files are loaded without pickle.
+A capture is one .npz file or a directory of them (read in name order), each holding the
+digits input [N, 64] (raw pixels) and the teacher's scores [N, 10], in either layout:
+- the gateway's (monitoring/capture.py): one `inputs/<name>` array, `teacher_scores` and
+  `teacher_kind` ("logits", or "probabilities", read as logits by taking their log: the softmax of
+  log p is p again);
+- a hand-made one: `inputs` and `teacher_logits`.
+Optionally `labels` int64 [N]. A file without `labels`, or a label of -1, marks rows the student
+learns from the teacher alone (alpha = 0 for those rows). Files are loaded without pickle.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import numpy.typing as npt
 
 from kdgate.distill.data import N_CLASSES, N_FEATURES
 from kdgate.distill.losses import UNLABELLED
+from kdgate.monitoring.capture import INPUT_PREFIX
+from kdgate.monitoring.fidelity import PROBABILITY_EPS
 
 
 class CaptureError(ValueError):
@@ -81,6 +87,7 @@ def _read(
             arrays = {k: np.asarray(npz[k]) for k in npz.files}
     except (OSError, ValueError) as exc:
         raise CaptureError(f"{file}: not a readable .npz file ({exc})") from exc
+    _gateway_layout(file, arrays)
     for key in ("inputs", "teacher_logits"):
         if key not in arrays:
             raise CaptureError(f"{file}: missing array {key!r} (has {sorted(arrays)})")
@@ -100,3 +107,22 @@ def _read(
     else:
         y = np.full(n, UNLABELLED, dtype=np.int64)
     return np.ascontiguousarray(x), np.ascontiguousarray(t), np.ascontiguousarray(y)
+
+
+def _gateway_layout(file: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
+    """Rename a gateway segment's arrays (see the module doc) to `inputs` and `teacher_logits`,
+    in place; a file in the hand-made layout is left as it is."""
+    if "teacher_scores" not in arrays:
+        return
+    named = [k for k in arrays if k.startswith(INPUT_PREFIX)]
+    if len(named) != 1:
+        raise CaptureError(f"{file}: digits takes one input, the capture has {named}")
+    kind = str(arrays.get("teacher_kind", "logits"))
+    scores = arrays["teacher_scores"].astype(np.float64)
+    if kind == "probabilities":
+        # log p is a logit vector whose softmax is p (clipped as the fidelity maths clips it).
+        scores = np.log(np.clip(scores, PROBABILITY_EPS, 1.0))
+    elif kind != "logits":
+        raise CaptureError(f"{file}: teacher scores of kind {kind!r}, digits needs class scores")
+    arrays["inputs"] = arrays.pop(named[0])
+    arrays["teacher_logits"] = scores.astype(np.float32)

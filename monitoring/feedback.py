@@ -1,12 +1,15 @@
 """Recent predictions of one model, kept so that ground truth posted later can be joined to them.
 
 `FeedbackStore(recorder, max_size=..., ttl_seconds=...)` holds, per request id, the student
-version and logits and — when the request was shadowed — the teacher's logits, which the shadow
-worker attaches later with `attach_teacher`. `apply_feedback([{"id": ..., "label": ...}, ...])`
-records label-referenced calibration for the student version and, where the teacher's output is
-known, for the teacher under `version="teacher"` (`recorder.TEACHER_VERSION`), so accuracy and
-ECE of both against the same labels are PromQL ratios of
-`kdgate_calibration_*_total{reference="label"}`.
+version and scores and — when the request was shadowed — the teacher's scores, which the shadow
+worker attaches later with `attach_teacher`. Scores are kept as the models output them (logits or
+probabilities; "logits" below means either): the recorder reads each side as its `output_kind`
+says, so a probabilities model is never softmaxed twice. A regression pair has no calibration:
+its labels are joined and answered as usual, and the recorder records nothing for them.
+`apply_feedback([{"id": ..., "label": ...}, ...])` records label-referenced calibration for the
+student version and, where the teacher's output is known, for the teacher under `version="teacher"`
+(`recorder.TEACHER_VERSION`), so accuracy and ECE of both against the same labels are PromQL ratios
+of `kdgate_calibration_*_total{reference="label"}`.
 
 Answer of `apply_feedback`: `{"accepted": n, "unknown": [ids], "expired": [ids],
 "duplicate": [ids], "invalid": [ids]}` — none of them is an error:

@@ -14,11 +14,18 @@ the same rule, so in-process and Prometheus ECE agree exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 CALIBRATION_BINS = 15
+
+# What a model's scores output holds (the card's `output_kind`): logits are turned into
+# probabilities with a softmax; probabilities are used as they are (clipped at `PROBABILITY_EPS`
+# and renormalised, never softmaxed again); regression values are compared by their error.
+OutputKind = Literal["logits", "probabilities", "regression"]
+PROBABILITY_EPS = 1e-12
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -45,10 +52,20 @@ def softmax(logits: ArrayLike) -> FloatArray:
     return np.exp(log_softmax(logits))
 
 
-def top1(logits: ArrayLike) -> tuple[IntArray, FloatArray]:
-    """Per row of `logits` [N, C]: the top-1 class index and its softmax probability (the
-    confidence, in [0, 1]). Pass logits, not probabilities: the confidence is a softmax."""
-    return _top1(log_softmax(logits))
+def log_probabilities(scores: ArrayLike, kind: OutputKind = "logits") -> FloatArray:
+    """Row-wise log-probabilities of class scores [N, C] of `kind`: log-softmax of logits, or
+    the log of probabilities clipped to [PROBABILITY_EPS, 1] and renormalised per row."""
+    if kind == "logits":
+        return log_softmax(scores)
+    if kind == "probabilities":
+        return np.log(_clip_renormalise(scores, PROBABILITY_EPS))
+    raise ValueError(f"{kind} outputs have no class probabilities")
+
+
+def top1(scores: ArrayLike, kind: OutputKind = "logits") -> tuple[IntArray, FloatArray]:
+    """Per row of class scores [N, C] of `kind`: the top-1 class index and its probability (the
+    confidence, in [0, 1])."""
+    return _top1(log_probabilities(scores, kind))
 
 
 def agreement(student_logits: ArrayLike, teacher_logits: ArrayLike) -> BoolArray:
@@ -149,9 +166,12 @@ def calibration(confidence: ArrayLike, correct: ArrayLike) -> Calibration:
     return _binned(bin_index(c), c, hit)
 
 
-def calibration_against(logits: ArrayLike, reference: ArrayLike) -> Calibration:
-    """Calibration of `logits` [N, C] against reference classes [N] (teacher top-1 or labels)."""
-    prediction, confidence = top1(logits)
+def calibration_against(
+    scores: ArrayLike, reference: ArrayLike, kind: OutputKind = "logits"
+) -> Calibration:
+    """Calibration of class scores [N, C] of `kind` against reference classes [N] (teacher top-1
+    or labels)."""
+    prediction, confidence = top1(scores, kind)
     ref = np.asarray(reference).reshape(-1)
     if ref.shape != prediction.shape:
         raise ValueError(f"{prediction.shape[0]} rows but {ref.shape[0]} reference classes")
@@ -189,17 +209,48 @@ class Comparison:
     calibration: Calibration
 
 
-def compare(student_logits: ArrayLike, teacher_logits: ArrayLike) -> Comparison:
-    """Everything the shadow path measures for one batch of logits [N, C] from both models."""
-    # One log-softmax per side feeds all three figures: this runs per shadow batch, on the
+def compare(
+    student_scores: ArrayLike,
+    teacher_scores: ArrayLike,
+    *,
+    student_kind: OutputKind = "logits",
+    teacher_kind: OutputKind = "logits",
+) -> Comparison:
+    """Everything the shadow path measures for one batch of class scores [N, C] from both
+    models; each side's scores are logits or probabilities as its `*_kind` says."""
+    # One log-probability per side feeds all three figures: this runs per shadow batch, on the
     # event loop, where each extra numpy call on a small batch costs about a microsecond.
-    s, t = _pair(student_logits, teacher_logits)
-    log_q, log_p = log_softmax(s), log_softmax(t)
+    s, t = _pair(student_scores, teacher_scores)
+    log_q, log_p = log_probabilities(s, student_kind), log_probabilities(t, teacher_kind)
     prediction, confidence = _top1(log_q)
     agree = np.asarray(prediction == log_p.argmax(axis=1))
     kl: FloatArray = np.maximum((np.exp(log_p) * (log_p - log_q)).sum(axis=1), 0.0)
     bins = np.minimum(confidence * CALIBRATION_BINS, CALIBRATION_BINS - 1).astype(np.int64)
     return Comparison(agree=agree, kl=kl, calibration=_binned(bins, confidence, agree))
+
+
+@dataclass(frozen=True, slots=True)
+class RegressionErrors:
+    """Per predicted value of a regression batch: `absolute` |student - teacher| and `relative`
+    |student - teacher| / |teacher| (+inf where the teacher predicts exactly 0 and the student
+    does not; 0 where both do)."""
+
+    absolute: FloatArray
+    relative: FloatArray
+
+
+def regression_errors(student: ArrayLike, teacher: ArrayLike) -> RegressionErrors:
+    """Absolute and relative error of the student against the teacher, one per value (every
+    element of the [N, ...] outputs, flattened)."""
+    s = np.asarray(student, dtype=np.float64)
+    t = np.asarray(teacher, dtype=np.float64)
+    if s.shape != t.shape:
+        raise ValueError(f"shapes differ: {s.shape} vs {t.shape}")
+    absolute = np.abs(s - t).reshape(-1)
+    scale = np.abs(t).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(absolute == 0, 0.0, absolute / scale)
+    return RegressionErrors(absolute=absolute, relative=relative)
 
 
 def _top1(log_probs: FloatArray) -> tuple[IntArray, FloatArray]:

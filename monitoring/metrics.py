@@ -48,6 +48,15 @@ KL_BUCKETS_NATS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
+# Regression outputs: |student - teacher| per predicted value, in the output's own unit, and
+# that error relative to |teacher| (0.01 = 1 %).
+REGRESSION_ABS_BUCKETS = (
+    0.0001, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 100.0,
+)  # fmt: skip
+REGRESSION_REL_BUCKETS = (
+    0.0001, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)  # fmt: skip
+
 CALIBRATION_BINS = 15
 
 
@@ -245,6 +254,25 @@ class Metrics:
             ["model", "version"],
             KL_BUCKETS_NATS,
         )
+        self.regression_abs_error = HistogramFamily(
+            "kdgate_regression_abs_error",
+            "|student - teacher| per compared regression value, in the output's unit.",
+            ["model", "version"],
+            REGRESSION_ABS_BUCKETS,
+        )
+        self.regression_rel_error = HistogramFamily(
+            "kdgate_regression_rel_error",
+            "|student - teacher| / |teacher| per compared regression value.",
+            ["model", "version"],
+            REGRESSION_REL_BUCKETS,
+        )
+        self.comparison_enabled = Gauge(
+            "kdgate_comparison_enabled",
+            "1 while a model's shadowed requests are compared with its teacher, 0 when they "
+            "cannot be (no teacher, or outputs that cannot be compared; the log says why).",
+            ["model"],
+            registry=own,
+        )
         self.shadow = Counter(
             "kdgate_shadow",
             "Shadow samples by outcome: compared, dropped (queue full), teacher_error.",
@@ -334,5 +362,7 @@ class Metrics:
             ["model"],
             registry=own,
         )
-        registry.register(Export([self.fidelity_kl]))
+        registry.register(
+            Export([self.fidelity_kl, self.regression_abs_error, self.regression_rel_error])
+        )
         registry.register(_WithoutCreated(own))

@@ -3,11 +3,18 @@
 `FidelityRecorder(metrics, model)` is the one place where compared batches (shadow path) and
 labelled predictions (feedback API) become Prometheus counters:
 
-- `record_comparison(version, student_logits, teacher_logits)`: per row, one increment of
-  `kdgate_fidelity_samples_total`, agreements where the top-1 classes match, one observation of
-  `kdgate_fidelity_kl_divergence_nats`, and the student's calibration against the teacher's top-1
-  in `kdgate_calibration_*_total{reference="teacher"}`.
-- `record_labels(version, logits, labels)`: calibration against ground truth in
+Each side's scores are read as its `output_kind` says (`student_kind`, `teacher_kind`: logits are
+softmaxed, probabilities used as they are), so a logits student can follow a probabilities
+teacher.
+
+- `record(version, student_scores, teacher_scores)`, for classes `record_comparison`: per row,
+  one increment of `kdgate_fidelity_samples_total`, agreements where the top-1 classes match, one
+  observation of `kdgate_fidelity_kl_divergence_nats`, and the student's calibration against the
+  teacher's top-1 in `kdgate_calibration_*_total{reference="teacher"}`. For a regression pair
+  (both kinds "regression"), instead one observation per predicted value of
+  `kdgate_regression_abs_error` and `kdgate_regression_rel_error`: no agreement, KL or
+  calibration exists for it.
+- `record_labels(version, scores, labels)`: calibration against ground truth in
   `kdgate_calibration_*_total{reference="label"}`. The teacher's own label calibration is recorded
   under `version=TEACHER_VERSION` ("teacher"), so the student-teacher accuracy delta is a PromQL
   difference between two series of one metric; student versions must not be named "teacher".
@@ -30,8 +37,12 @@ from kdgate.monitoring.fidelity import (
     CALIBRATION_BINS,
     Calibration,
     Comparison,
+    OutputKind,
+    RegressionErrors,
     calibration_against,
     compare,
+    empty_calibration,
+    regression_errors,
 )
 from kdgate.monitoring.metrics import HistogramSeries, Metrics
 from kdgate.monitoring.recent import TEACHER_VERSION, RecentWindow
@@ -55,27 +66,82 @@ class _FidelityChildren:
     kl: HistogramSeries
 
 
-class FidelityRecorder:
-    """Records the fidelity of model `model` (all its versions) on `metrics`."""
+@dataclass(frozen=True, slots=True)
+class _RegressionChildren:
+    absolute: HistogramSeries
+    relative: HistogramSeries
 
-    def __init__(self, metrics: Metrics, model: str, *, window: RecentWindow | None = None) -> None:
+
+class FidelityRecorder:
+    """Records the fidelity of model `model` (all its versions) on `metrics`.
+
+    `student_kind` and `teacher_kind` are the `output_kind` of the student's and the teacher's
+    scores; both "regression" or neither (the monitoring runtime does not compare a mixed pair).
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        model: str,
+        *,
+        window: RecentWindow | None = None,
+        student_kind: OutputKind = "logits",
+        teacher_kind: OutputKind = "logits",
+    ) -> None:
+        if (student_kind == "regression") != (teacher_kind == "regression"):
+            raise ValueError(f"cannot compare {student_kind} with {teacher_kind}")
         self.metrics = metrics
         self.model = model
         self.window = window
+        self.student_kind: OutputKind = student_kind
+        self.teacher_kind: OutputKind = teacher_kind
         self._calibration: dict[tuple[str, str], _CalibrationChildren] = {}
         self._fidelity: dict[str, _FidelityChildren] = {}
+        self._regression: dict[str, _RegressionChildren] = {}
+
+    @property
+    def regression(self) -> bool:
+        """Whether the pair is compared by regression error (no classes)."""
+        return self.student_kind == "regression"
 
     def bind(self, version: str) -> None:
         """Create every series of `version` now (both references), so they export as 0."""
+        if self.regression:
+            self._regression_children(version)
+            return
         self._fidelity_children(version)
         for reference in REFERENCES:
             self._calibration_children(version, reference)
 
+    def record_regression(
+        self, version: str, student_values: ArrayLike, teacher_values: ArrayLike
+    ) -> RegressionErrors:
+        """Record a compared regression batch (same shape [N, ...] on both sides) of `version`."""
+        errors = regression_errors(student_values, teacher_values)
+        children = self._regression_children(version)
+        children.absolute.observe_many(errors.absolute)
+        children.relative.observe_many(errors.relative)
+        return errors
+
+    def record(self, version: str, student_scores: ArrayLike, teacher_scores: ArrayLike) -> None:
+        """Record a compared batch of `version`, by class (`record_comparison`) or by regression
+        error (`record_regression`) as the pair's kinds say."""
+        if self.regression:
+            self.record_regression(version, student_scores, teacher_scores)
+        else:
+            self.record_comparison(version, student_scores, teacher_scores)
+
     def record_comparison(
-        self, version: str, student_logits: ArrayLike, teacher_logits: ArrayLike
+        self, version: str, student_scores: ArrayLike, teacher_scores: ArrayLike
     ) -> Comparison:
-        """Record a compared batch (student and teacher logits, [N, C] each) of `version`."""
-        result = compare(student_logits, teacher_logits)
+        """Record a compared batch of class scores ([N, C] from each side, read as their kinds
+        say) of `version`."""
+        result = compare(
+            student_scores,
+            teacher_scores,
+            student_kind=self.student_kind,
+            teacher_kind=self.teacher_kind,
+        )
         children = self._fidelity_children(version)
         children.samples.inc(len(result.agree))
         children.agreements.inc(int(np.count_nonzero(result.agree)))
@@ -85,9 +151,14 @@ class FidelityRecorder:
             self.window.add_comparison(self.model, version, result)
         return result
 
-    def record_labels(self, version: str, logits: ArrayLike, labels: ArrayLike) -> Calibration:
-        """Record `logits` [N, C] of `version` (or TEACHER_VERSION) against class indices [N]."""
-        cal = calibration_against(logits, labels)
+    def record_labels(self, version: str, scores: ArrayLike, labels: ArrayLike) -> Calibration:
+        """Record class scores [N, C] of `version` (or TEACHER_VERSION, read as the teacher's
+        kind) against class indices [N]. A regression pair records nothing (it has no
+        calibration) and returns empty sums."""
+        if self.regression:
+            return empty_calibration()
+        kind = self.teacher_kind if version == TEACHER_VERSION else self.student_kind
+        cal = calibration_against(scores, labels, kind)
         self._add_calibration(version, "label", cal)
         if self.window is not None:
             self.window.add_labels(self.model, version, cal)
@@ -111,6 +182,17 @@ class FidelityRecorder:
                 kl=m.fidelity_kl.labels(self.model, version),
             )
             self._fidelity[version] = children
+        return children
+
+    def _regression_children(self, version: str) -> _RegressionChildren:
+        children = self._regression.get(version)
+        if children is None:
+            m = self.metrics
+            children = _RegressionChildren(
+                absolute=m.regression_abs_error.labels(self.model, version),
+                relative=m.regression_rel_error.labels(self.model, version),
+            )
+            self._regression[version] = children
         return children
 
     def _calibration_children(self, version: str, reference: str) -> _CalibrationChildren:

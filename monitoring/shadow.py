@@ -12,6 +12,11 @@ Units: everything is counted in ROWS (input instances), not requests: queue capa
 `compared` rows equal `kdgate_fidelity_samples_total` summed over versions, and
 compared + teacher_error + dropped is every row that was shadowed. A queue and a worker serve one
 model (the queue's `model`); a batch may mix student versions.
+
+A sample carries every input of its request by name (any dtype and rank, rows first) and the
+student's scores output. The worker concatenates a batch per input name; requests whose inputs
+differ beyond the rows (token sequences of another length, say) go to the teacher in separate
+calls, one per shape.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import contextlib
 import logging
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +62,8 @@ def should_shadow(request_id: str, fraction: float) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ShadowSample:
-    """One shadowed request: its input rows [rows, D] and the student's logits [rows, C].
+    """One shadowed request: its inputs by name ([rows, ...] each) and the student's scores
+    output [rows, ...] (class logits or probabilities [rows, C], or regression values).
 
     `trace` is opaque to this module (e.g. the request's OpenTelemetry span context, for linking
     the comparison span); it is handed back to the worker's `trace` hook.
@@ -65,14 +71,14 @@ class ShadowSample:
 
     request_id: str
     version: str
-    inputs: NDArray[np.float32]
-    student_logits: NDArray[np.float32]
+    inputs: Mapping[str, NDArray[Any]]
+    student_scores: NDArray[Any]
     trace: Any = None
 
     @property
     def rows(self) -> int:
-        """Number of input rows."""
-        return len(self.inputs)
+        """Number of input rows (the scores' leading dimension)."""
+        return len(self.student_scores)
 
 
 class ShadowQueue:
@@ -147,10 +153,11 @@ class ShadowWorker:
     Per batch: if the breaker refuses, or the teacher fails or takes longer than
     `teacher_timeout_seconds`, every row counts as `teacher_error`; otherwise the pairs are
     recorded by `recorder` (fidelity counters, and its window), counted as `compared`, appended to
-    `capture`, and the teacher's logits attached to `feedback`. `trace(batch)` (optional) wraps
-    the comparison of each batch, e.g. in a span linked to the requests' spans. After an idle
-    spell the worker waits `linger_seconds` for more rows before taking the first batch (as
-    Triton's dynamic batcher does with its queue delay); a busy worker never lingers, since rows
+    `capture`, and the teacher's scores attached to `feedback`. The teacher's scores must have the
+    shape of the student's (else the rows count as `teacher_error`). `trace(batch)` (optional) wraps
+    the comparison of each batch, e.g. in a span linked to the requests' spans. After an idle spell
+    the worker waits `linger_seconds` for more rows before taking the first batch (as Triton's
+    dynamic batcher does with its queue delay); a busy worker never lingers, since rows
     queue up while the teacher runs.
 
     `start()` launches the task on the running loop; `await stop(grace_seconds)` lets it finish the
@@ -228,44 +235,62 @@ class ShadowWorker:
     async def process(self, batch: Sequence[ShadowSample]) -> None:
         """Compare one batch with the teacher and record the outcome (see the class docstring)."""
         with self._trace(batch) if self._trace else contextlib.nullcontext():
-            inputs = np.concatenate([s.inputs for s in batch])
-            classes = batch[0].student_logits.shape[1]
-            teacher_logits = await self._ask_teacher(inputs, classes)
-            if teacher_logits is None:
-                self._errors.inc(len(inputs))
-                return
-            self._record(batch, teacher_logits)
-            self._compared.inc(len(inputs))
-            if self.capture is not None:
-                self.capture.append(inputs, teacher_logits)
+            for group in _same_shapes(batch):
+                await self._process(group)
+
+    async def _process(self, batch: Sequence[ShadowSample]) -> None:
+        inputs = {name: np.concatenate([s.inputs[name] for s in batch]) for name in batch[0].inputs}
+        student = np.concatenate([s.student_scores for s in batch])
+        teacher_scores = await self._ask_teacher(inputs, student.shape)
+        if teacher_scores is None:
+            self._errors.inc(len(student))
+            return
+        self._record(batch, teacher_scores)
+        self._compared.inc(len(student))
+        if self.capture is not None:
+            self.capture.append(inputs, teacher_scores)
 
     async def _ask_teacher(
-        self, inputs: NDArray[np.float32], classes: int
+        self, inputs: Mapping[str, NDArray[Any]], shape: tuple[int, ...]
     ) -> NDArray[np.float32] | None:
         if not self.breaker.allow():
             return None
         try:
             async with asyncio.timeout(self.teacher_timeout_seconds):
-                logits = await self.teacher.infer(inputs)
-            if logits.shape != (len(inputs), classes):
-                raise TeacherError(f"teacher logits {logits.shape}, student has {classes} classes")
+                scores = await self.teacher.infer(inputs)
+            if scores.shape != shape:
+                raise TeacherError(f"teacher scores {scores.shape}, the student's are {shape}")
         except Exception as exc:  # whatever the backend raised, the teacher failed this batch
             self.breaker.record_failure()
             log.warning("teacher %s of %s: %r", self.teacher.name, self.queue.model, exc)
             return None
         self.breaker.record_success()
-        return logits
+        return scores
 
-    def _record(self, batch: Sequence[ShadowSample], teacher_logits: NDArray[np.float32]) -> None:
+    def _record(self, batch: Sequence[ShadowSample], teacher_scores: NDArray[np.float32]) -> None:
         offsets = np.cumsum([0] + [s.rows for s in batch]).tolist()
         by_version: dict[str, list[int]] = {}
         for i, sample in enumerate(batch):
             by_version.setdefault(sample.version, []).append(i)
         for version, members in by_version.items():
-            student = np.concatenate([batch[i].student_logits for i in members])
-            teacher = np.concatenate([teacher_logits[offsets[i] : offsets[i + 1]] for i in members])
-            self.recorder.record_comparison(version, student, teacher)
+            student = np.concatenate([batch[i].student_scores for i in members])
+            teacher = np.concatenate([teacher_scores[offsets[i] : offsets[i + 1]] for i in members])
+            self.recorder.record(version, student, teacher)
         if self.feedback is not None:
             for i, sample in enumerate(batch):
-                rows = teacher_logits[offsets[i] : offsets[i + 1]]
+                rows = teacher_scores[offsets[i] : offsets[i + 1]]
                 self.feedback.attach_teacher(sample.request_id, rows)
+
+
+def _same_shapes(batch: Sequence[ShadowSample]) -> list[list[ShadowSample]]:
+    """`batch` split into groups that concatenate: the same input names, dtypes and shapes
+    beyond the rows, and the same scores shape beyond the rows (first-seen order; usually one
+    group)."""
+    groups: dict[tuple[Any, ...], list[ShadowSample]] = {}
+    for sample in batch:
+        key = (
+            tuple((n, a.dtype, a.shape[1:]) for n, a in sample.inputs.items()),
+            sample.student_scores.shape[1:],
+        )
+        groups.setdefault(key, []).append(sample)
+    return list(groups.values())

@@ -1,6 +1,7 @@
 """Teacher backends behind one interface: a local ONNX model, or a remote OIP endpoint.
 
-    Teacher (protocol): name, version, async infer(batch [N, D]) -> logits [N, C], async aclose()
+    Teacher (protocol): name, version, async infer({input name: [N, ...]}) -> scores [N, ...],
+                        async aclose()
     ├── LocalOnnxTeacher   onnxruntime on a dedicated single worker thread
     └── RemoteOipTeacher   Open Inference Protocol (KServe V2) JSON over an injected httpx client,
                            also on a dedicated single worker thread
@@ -10,6 +11,11 @@ awaits a future. For the remote teacher that matters even though the call is I/O
 64-row batch, httpx's own Python and decoding the answer held the loop for milliseconds per
 batch, and with a slow teacher that showed in the student's p95 (docs/benchmarks.md).
 
+A batch is every input of the student's requests, by the student's input names, each an array of
+any dtype and rank with the rows first; `input_map` renames those the teacher calls differently
+(student name -> teacher name). The answer is the teacher's scores output (class logits or
+probabilities, or regression values) as float32, rows first.
+
 Every failure (transport, status, malformed or non-finite answer, wrong row count) is raised as
 `TeacherError`, so the shadow worker has one thing to count and feed to its circuit breaker.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -30,24 +37,26 @@ from numpy.typing import NDArray
 from kdgate.monitoring.deadline import total_deadline
 from kdgate.monitoring.priority import lowest_thread_priority
 
-Logits = NDArray[np.float32]
+Scores = NDArray[np.float32]
+Inputs = Mapping[str, NDArray[Any]]
 # Far above any batch of logits in JSON (64 rows x 1,000 classes is ~1.5 MB); a bound, so a
 # misbehaving teacher cannot fill the gateway's memory within its deadline.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 class TeacherError(Exception):
-    """The teacher did not produce usable logits for a batch."""
+    """The teacher did not produce usable scores for a batch."""
 
 
 class Teacher(Protocol):
-    """A teacher model: logits for a batch of input rows."""
+    """A teacher model: scores for a batch of rows of every input."""
 
     name: str
     version: str
 
-    async def infer(self, batch: NDArray[np.float32]) -> Logits:
-        """Logits float32 [N, C] for `batch` float32 [N, D]; raises TeacherError."""
+    async def infer(self, batch: Inputs) -> Scores:
+        """Scores float32 [N, ...] for `batch` ({student input name: [N, ...]}); raises
+        TeacherError."""
         ...
 
     async def aclose(self) -> None:
@@ -65,6 +74,10 @@ class LocalOnnxTeacher:
     Runs are serialised on one dedicated thread, so a slow teacher queues batches instead of
     occupying the default executor the student may use, and the event loop never waits.
     `intra_op_threads` is the teacher's own onnxruntime thread count (default 1).
+
+    Each input of a batch is fed under its student name, or `input_map[name]` when mapped, as
+    it is: the caller checks that the teacher declares the same datatypes as the student, whose
+    signature the requests were validated against. `output_name` is the teacher's scores output.
     """
 
     def __init__(
@@ -73,31 +86,24 @@ class LocalOnnxTeacher:
         *,
         name: str,
         version: str,
-        input_name: str = "input",
         output_name: str = "logits",
+        input_map: Mapping[str, str] | None = None,
         intra_op_threads: int = 1,
     ) -> None:
         self.name = name
         self.version = version
-        self.input_name = input_name
         self.output_name = output_name
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning intra-op threads burn a core between batches; that core serves the student.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(
-            model, sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self.input_map = dict(input_map or {})
+        self._session = teacher_session(model, intra_op_threads)
         # The teacher thread runs at the lowest CPU priority: with one intra-op thread the model
         # runs on it, and requests on the same core must not wait for a shadow comparison.
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"teacher-{name}", initializer=lowest_thread_priority
         )
 
-    async def infer(self, batch: NDArray[np.float32]) -> Logits:
-        """Logits float32 [N, C] for `batch` float32 [N, D], computed on the teacher thread."""
+    async def infer(self, batch: Inputs) -> Scores:
+        """Scores float32 [N, ...] for `batch` ({student input name: [N, ...]}), computed on the
+        teacher thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, batch)
 
@@ -105,13 +111,13 @@ class LocalOnnxTeacher:
         """Stop the worker thread once the run in progress (if any) has finished."""
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
-    def _run(self, batch: NDArray[np.float32]) -> Logits:
-        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+    def _run(self, batch: Inputs) -> Scores:
+        feed = {self.input_map.get(n, n): np.ascontiguousarray(a) for n, a in batch.items()}
         try:
             (out,) = self._session.run([self.output_name], feed)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise TeacherError(f"teacher {self.name} failed: {exc}") from exc
-        return checked_logits(out, len(batch))
+        return checked_scores(out, batch_rows(batch))
 
 
 class RemoteOipTeacher:
@@ -121,7 +127,10 @@ class RemoteOipTeacher:
     closed by `aclose`; it is used from one worker thread of this teacher's (started on the first
     `infer`, at the lowest priority; the caller's contextvars, e.g. the current trace span, are
     carried over to it). Each `infer` is one `POST {url}/v2/models/{model}[/versions/{v}]/infer`
-    with the whole batch as one FP32 tensor (JSON), asking for `output_name` only, ending within
+    with every input of the batch as one tensor of its V2 datatype (`input_datatypes`, by student
+    input name, as the student's card declares them; default: one FP32 `input`, the digits
+    signature; JSON), named as `input_map` says, else by
+    the student's name, asking for `output_name` only, ending within
     `timeout_seconds` in total, however slowly the teacher answers, when the client's transport is a
     `monitoring.deadline.DeadlineTransport` (service/monitoring_runtime.py builds it so; on another
     transport it bounds each socket operation only). So a trickling teacher holds the thread for one
@@ -139,14 +148,16 @@ class RemoteOipTeacher:
         model: str,
         version: str = "remote",
         model_version: str | None = None,
-        input_name: str = "input",
         output_name: str = "logits",
+        input_datatypes: Mapping[str, str] | None = None,
+        input_map: Mapping[str, str] | None = None,
         timeout_seconds: float = 2.0,
     ) -> None:
         self.name = model
         self.version = version
-        self.input_name = input_name
         self.output_name = output_name
+        self.input_datatypes = dict(input_datatypes or {"input": "FP32"})
+        self.input_map = dict(input_map or {})
         self._client = client
         path = f"/v2/models/{model}" + (f"/versions/{model_version}" if model_version else "")
         self._endpoint = url.rstrip("/") + path + "/infer"
@@ -156,8 +167,9 @@ class RemoteOipTeacher:
             max_workers=1, thread_name_prefix=f"teacher-{model}", initializer=lowest_thread_priority
         )
 
-    async def infer(self, batch: NDArray[np.float32]) -> Logits:
-        """Logits float32 [N, C] for `batch` float32 [N, D] from the remote teacher."""
+    async def infer(self, batch: Inputs) -> Scores:
+        """Scores float32 [N, ...] for `batch` ({student input name: [N, ...]}) from the remote
+        teacher."""
         context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, context.run, self._infer, batch)
@@ -167,16 +179,11 @@ class RemoteOipTeacher:
         belongs to the caller."""
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
-    def _infer(self, batch: NDArray[np.float32]) -> Logits:
-        rows = np.ascontiguousarray(batch, dtype=np.float32)
+    def _infer(self, batch: Inputs) -> Scores:
         body = {
             "inputs": [
-                {
-                    "name": self.input_name,
-                    "shape": list(rows.shape),
-                    "datatype": "FP32",
-                    "data": rows.reshape(-1),
-                }
+                v2_json_tensor(self.input_map.get(name, name), self._datatype(name), rows)
+                for name, rows in batch.items()
             ],
             "outputs": [{"name": self.output_name}],
         }
@@ -197,7 +204,13 @@ class RemoteOipTeacher:
         if response.status_code != 200:
             text = content[:200].decode(errors="replace")
             raise TeacherError(f"teacher {self._endpoint} answered {response.status_code}: {text}")
-        return checked_logits(self._output(content), len(rows))
+        return checked_scores(self._output(content), batch_rows(batch))
+
+    def _datatype(self, name: str) -> str:
+        datatype = self.input_datatypes.get(name)
+        if datatype is None:
+            raise TeacherError(f"teacher {self._endpoint}: no datatype known for input {name!r}")
+        return datatype
 
     def _read(self, response: httpx.Response) -> bytes:
         """The answer's body, refusing one over `MAX_ANSWER_BYTES`."""
@@ -222,11 +235,43 @@ class RemoteOipTeacher:
             ) from exc
 
 
-def checked_logits(out: Any, rows: int) -> Logits:
-    """`out` as float32 [rows, C] logits; TeacherError if it is not that shape or not finite."""
-    logits = np.asarray(out, dtype=np.float32)
-    if logits.ndim != 2 or logits.shape[0] != rows or logits.shape[1] == 0:
-        raise TeacherError(f"teacher returned shape {logits.shape} for {rows} rows")
-    if not np.isfinite(logits).all():
-        raise TeacherError("teacher returned non-finite logits")
-    return logits
+def teacher_session(model: bytes, intra_op_threads: int) -> ort.InferenceSession:
+    """The onnxruntime session of a local teacher (blocking: it loads the model)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning intra-op threads burn a core between batches; that core serves the student.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def v2_json_tensor(name: str, datatype: str, rows: NDArray[Any]) -> dict[str, Any]:
+    """One input tensor of a V2 JSON request: name, shape, datatype and the flat data
+    (serialised by orjson's numpy support; FP16 sent as JSON numbers, BYTES as UTF-8 strings)."""
+    array = np.asarray(rows)
+    data: Any = np.ascontiguousarray(array).reshape(-1)
+    if datatype == "FP16":
+        data = data.astype(np.float32)  # orjson serialises no float16
+    elif datatype == "BYTES":
+        data = [v.decode() if isinstance(v, bytes) else str(v) for v in data.tolist()]
+    return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
+
+
+def batch_rows(batch: Inputs) -> int:
+    """Rows of a batch: the leading dimension its inputs share; TeacherError if they differ."""
+    rows = {len(a) for a in batch.values()}
+    if len(rows) != 1:
+        raise TeacherError(f"inputs of one batch differ in rows: {sorted(rows)}")
+    return rows.pop()
+
+
+def checked_scores(out: Any, rows: int) -> Scores:
+    """`out` as float32 [rows, ...] scores; TeacherError if it has not `rows` rows, is empty or
+    is not finite."""
+    scores = np.asarray(out, dtype=np.float32)
+    if scores.ndim == 0 or scores.shape[0] != rows or scores.size == 0:
+        raise TeacherError(f"teacher returned shape {scores.shape} for {rows} rows")
+    if not np.isfinite(scores).all():
+        raise TeacherError("teacher returned non-finite scores")
+    return scores

@@ -183,20 +183,28 @@ def retrain_payload(
     student_version: str | None,
     teacher_version: str | None,
     links: Mapping[str, str] | None = None,
+    capture: Mapping[str, Any] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """The webhook body: `{"type", "timestamp" (RFC 3339 UTC), "data": {...}}` per DESIGN.md."""
+    """The webhook body: `{"type", "timestamp" (RFC 3339 UTC), "data": {...}}` per DESIGN.md.
+
+    `capture` (when the model's shadow capture is on) says where the retraining data is:
+    `{"dir", "rows", "format"}` (`monitoring.capture.CaptureStore.describe`).
+    """
     moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    data: dict[str, Any] = {
+        "model": model,
+        "student_version": student_version,
+        "teacher_version": teacher_version,
+        "breaches": [dict(b) for b in breaches],
+        "links": dict(links or {}),
+    }
+    if capture is not None:
+        data["capture"] = dict(capture)
     return {
         "type": EVENT_TYPE,
         "timestamp": moment.isoformat().replace("+00:00", "Z"),
-        "data": {
-            "model": model,
-            "student_version": student_version,
-            "teacher_version": teacher_version,
-            "breaches": [dict(b) for b in breaches],
-            "links": dict(links or {}),
-        },
+        "data": data,
     }
 
 

@@ -9,11 +9,16 @@ lifespan.
 Per model, `start` builds:
     FidelityRecorder (counters + the recent window), FeedbackStore         (every model)
     teacher (local ONNX thread | remote OIP over httpx), CircuitBreaker,
-    ShadowQueue, CaptureStore, ShadowWorker, ModelShadow                    (models with a teacher)
+    ShadowQueue, CaptureStore, ShadowWorker, ModelShadow     (models with a comparable teacher)
     InputBuffer + DriftJob                         (drift on and the model has a reference sample)
 and once: the SLO `Monitor` (reads the same `RecentWindow` as `GET /v1/fidelity`), the outbox
 (opened at start when `webhook.url` is set, else at the first Alertmanager hook call) and the
 notifier (while `webhook.url` is set).
+
+Whether a student and its teacher can be compared, and through which outputs, names and kinds,
+is `service.pairing`'s answer; a pair that cannot be is served with comparison off
+(`kdgate_comparison_enabled{model} 0` and one warning). A regression model keeps only its
+latency and drift objectives.
 
 `consume` is the runtime's side of the request log, on the event loop: per model, the inputs of
 successful requests go to the drift buffer and the predictions to `ModelShadow.observe_many`.
@@ -59,6 +64,7 @@ from kdgate.monitoring.slo_monitor import Monitor
 from kdgate.monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teacher
 from kdgate.monitoring.webhook import Notifier, retrain_payload
 from kdgate.service.cards import ModelCard, load_card, verify_model_file
+from kdgate.service.pairing import Pairing, pair_cards, pair_remote
 from kdgate.service.request_log import Served
 from kdgate.service.settings import ModelSettings, Settings, TeacherSettings
 from kdgate.service.shadow_tap import ModelShadow, Observation
@@ -87,19 +93,22 @@ def loosest(per_card: Sequence[Sequence[Objective]]) -> list[Objective]:
     return chosen
 
 
+# Objectives that need class scores: a regression model has no agreement, KL or calibration.
+CLASSIFICATION_SLOS = frozenset({"agreement", "kl_mean", "ece_teacher", "ece_label"})
+
+
 def model_objectives(settings: Settings) -> dict[str, list[Objective]]:
-    """Each model's objectives from the config and its student cards (reads the cards)."""
-    return {
-        model.name: loosest(
-            [
-                objectives_for(load_card(s.card).metrics, settings.slo, model.name)
-                for s in model.students
-                # A weight-0 version whose card is gone is not loaded (service/state.py).
-                if s.card.is_file()
-            ]
-        )
-        for model in settings.models
-    }
+    """Each model's objectives from the config and its student cards (reads the cards); a model
+    whose students output regression values keeps only latency and drift."""
+    objectives = {}
+    for model in settings.models:
+        # A weight-0 version whose card is gone is not loaded (service/state.py).
+        cards = [load_card(s.card) for s in model.students if s.card.is_file()]
+        chosen = loosest([objectives_for(c.metrics, settings.slo, model.name) for c in cards])
+        if any(c.output_kind == "regression" for c in cards):
+            chosen = [o for o in chosen if o.slo not in CLASSIFICATION_SLOS]
+        objectives[model.name] = chosen
+    return objectives
 
 
 @dataclass(frozen=True)
@@ -367,12 +376,15 @@ class MonitoringRuntime:
         incident: it may join the model's open one), then wake the notifier."""
         assert self.outbox is not None
         versions = self._versions[model]
+        monitoring = self.models.get(model)
+        capture = monitoring.capture if monitoring is not None else None
         payload = retrain_payload(
             model,
             [breach],
             student_version=versions.student,
             teacher_version=versions.teacher,
             links=LINKS,
+            capture=capture.describe() if capture is not None else None,
         )
         webhook = self.settings.webhook
         queued = self.outbox.enqueue_breach(
@@ -439,7 +451,25 @@ class MonitoringRuntime:
         settings = self.settings
         router = self.state.routers[model.name]
         card = router.default.session.card
-        recorder = FidelityRecorder(self.metrics, model.name, window=self.window)
+        pairing, teacher_card = await asyncio.to_thread(_pairing, model, card)
+        enabled = self.metrics.comparison_enabled.labels(model.name)
+        enabled.set(0)
+        if model.teacher is not None and not pairing.comparable:
+            log.warning(
+                "%s: comparison with the teacher is off (the student serves): %s",
+                model.name,
+                pairing.reason,
+            )
+        kinds = (pairing.student_kind, pairing.teacher_kind)
+        if not pairing.comparable:  # only the student's own labels are recorded
+            kinds = (card.output_kind, card.output_kind)
+        recorder = FidelityRecorder(
+            self.metrics,
+            model.name,
+            window=self.window,
+            student_kind=kinds[0],
+            teacher_kind=kinds[1],
+        )
         for version in router.variants:
             recorder.bind(version)
         feedback = FeedbackStore(
@@ -451,17 +481,13 @@ class MonitoringRuntime:
         tap = None
         if (buffer := self.buffers.get(model.name)) is not None:
             tap = input_tap(buffer, buffer.width)
-        input_name, output_name = card.inputs[0].name, card.outputs[0].name
-        if model.teacher is None:
+        if model.teacher is None or not pairing.comparable:
             shadow = ModelShadow(
-                feedback,
-                None,
-                shadow_fraction=lambda: 0.0,
-                input_name=input_name,
-                output_name=output_name,
+                feedback, None, shadow_fraction=lambda: 0.0, scores_name=pairing.student_scores
             )
             return ModelMonitoring(model.name, recorder, feedback, shadow, tap=tap)
-        teacher = await self._teacher(model.name, model.teacher, card)
+        teacher = await self._teacher(model.name, model.teacher, card, pairing, teacher_card)
+        enabled.set(1)
         breaker = CircuitBreaker(
             failure_threshold=model.teacher.breaker.failure_threshold,
             cooldown_seconds=model.teacher.breaker.cooldown_seconds,
@@ -476,6 +502,7 @@ class MonitoringRuntime:
         if options.dir is not None:
             capture = CaptureStore(
                 options.dir / model.name,
+                teacher_kind=pairing.teacher_kind,
                 segment_rows=options.segment_rows,
                 max_rows=options.max_rows,
                 flush_seconds=options.flush_seconds,
@@ -496,17 +523,27 @@ class MonitoringRuntime:
             feedback,
             queue,
             shadow_fraction=partial(_shadow_fraction, self.state, model.name),
-            input_name=input_name,
-            output_name=output_name,
+            scores_name=pairing.student_scores,
         )
         worker.start()
         return ModelMonitoring(
             model.name, recorder, feedback, shadow, teacher, breaker, capture, worker, tap
         )
 
-    async def _teacher(self, model: str, teacher: TeacherSettings, student: ModelCard) -> Teacher:
+    async def _teacher(
+        self,
+        model: str,
+        teacher: TeacherSettings,
+        student: ModelCard,
+        pairing: Pairing,
+        teacher_card: ModelCard | None,
+    ) -> Teacher:
+        assert pairing.teacher_scores is not None  # a comparable pairing names both outputs
         if teacher.card is not None:
-            return await asyncio.to_thread(_local_teacher, model, teacher, student)
+            assert teacher_card is not None
+            return await asyncio.to_thread(
+                _local_teacher, teacher, teacher_card, pairing.teacher_scores, pairing.input_map
+            )
         assert teacher.url is not None and teacher.model is not None  # the settings ensure it
         return RemoteOipTeacher(
             self._http_client(),
@@ -514,8 +551,9 @@ class MonitoringRuntime:
             model=teacher.model,
             version=teacher.model_version or "remote",
             model_version=teacher.model_version,
-            input_name=student.inputs[0].name,
-            output_name=student.outputs[0].name,
+            output_name=pairing.teacher_scores,
+            input_datatypes={t.name: t.datatype for t in student.inputs},
+            input_map=pairing.input_map,
             timeout_seconds=teacher.timeout_seconds,
         )
 
@@ -541,23 +579,28 @@ def _shadow_fraction(state: ServingState, model: str) -> float:
     return state.routers[model].shadow_fraction
 
 
-def _local_teacher(model: str, teacher: TeacherSettings, student: ModelCard) -> LocalOnnxTeacher:
-    """Load a local teacher (blocking), refusing one whose signature differs from the student's."""
-    assert teacher.card is not None
+def _pairing(model: ModelSettings, student: ModelCard) -> tuple[Pairing, ModelCard | None]:
+    """How `model`'s student is compared with its teacher, and the local teacher's card
+    (blocking: reads it)."""
+    teacher = model.teacher
+    if teacher is None:
+        return pair_remote(student), None
+    if teacher.card is None:
+        return pair_remote(student, teacher.input_map), None
     card = load_card(teacher.card)
+    return pair_cards(student, card, teacher.input_map), card
 
-    def signature(c: ModelCard) -> list[tuple[str, list[int]]]:
-        return [(t.datatype, t.shape) for t in c.inputs]
 
-    if signature(card) != signature(student):
-        raise ValueError(f"model {model!r}: teacher inputs {card.inputs} differ from the student's")
-    if card.class_labels != student.class_labels:
-        raise ValueError(f"model {model!r}: teacher and student class labels differ")
+def _local_teacher(
+    teacher: TeacherSettings, card: ModelCard, output_name: str, input_map: Mapping[str, str]
+) -> LocalOnnxTeacher:
+    """Load a local teacher (blocking), refusing a model file that does not match its card."""
+    assert teacher.card is not None
     return LocalOnnxTeacher(
         verify_model_file(teacher.card, card),
         name=card.name,
         version=card.version,
-        input_name=card.inputs[0].name,
-        output_name=card.outputs[0].name,
+        output_name=output_name,
+        input_map=input_map,
         intra_op_threads=teacher.intra_op_threads,
     )

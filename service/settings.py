@@ -145,6 +145,10 @@ class TeacherSettings(_Section):
     timeout_seconds: float = Field(default=2.0, gt=0.0, description="per teacher call")
     max_batch: int | None = Field(default=None, ge=1, description="rows per call; shadow.max_batch")
     intra_op_threads: int = Field(default=1, ge=1, description="local teacher's onnxruntime pool")
+    input_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="student input name -> the teacher's name for it, where they differ",
+    )
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
     @model_validator(mode="after")

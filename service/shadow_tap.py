@@ -2,9 +2,9 @@
 
 `ModelShadow.observe_many` is what the monitoring runtime calls for each settled batch of the
 request log (service/request_log.py), on the event loop: remember each prediction in the model's
-feedback store, and for a deterministic fraction of request ids offer (input, student logits,
-the request span's context) to the bounded shadow queue without waiting. Everything else runs in
-the shadow worker and the teacher's thread (monitoring/shadow.py).
+feedback store, and for a deterministic fraction of request ids offer (every input by name, the
+student's scores output, the request span's context) to the bounded shadow queue without waiting.
+Everything else runs in the shadow worker and the teacher's thread (monitoring/shadow.py).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ class ModelShadow:
 
     `shadow_fraction` returns the model's current fraction: the traffic admin API swaps the
     model's router (and with it the fraction) at run time, so it is read once per batch.
+    `scores_name` is the student's output compared with the teacher (`cards.scores_output`);
+    with None (no such output) nothing is kept or shadowed.
     """
 
-    __slots__ = ("feedback", "input_name", "output_name", "queue", "shadow_fraction")
+    __slots__ = ("feedback", "queue", "scores_name", "shadow_fraction")
 
     def __init__(
         self,
@@ -38,14 +40,12 @@ class ModelShadow:
         queue: ShadowQueue | None,
         *,
         shadow_fraction: Callable[[], float],
-        input_name: str,
-        output_name: str,
+        scores_name: str | None,
     ) -> None:
         self.feedback = feedback
         self.queue = queue
         self.shadow_fraction = shadow_fraction
-        self.input_name = input_name
-        self.output_name = output_name
+        self.scores_name = scores_name
 
     @property
     def fraction(self) -> float:
@@ -64,17 +64,20 @@ class ModelShadow:
         The shadow fraction is read once per call: the predictions of one settle (at most
         ~10 ms of traffic, service/request_log.py) share it.
         """
+        name = self.scores_name
+        if name is None:
+            return
         try:
             queue = self.queue
             fraction = self.shadow_fraction() if queue is not None else 0.0
             kept = []
             for request_id, version, inputs, outputs, trace in predictions:
-                logits = outputs[self.output_name]
+                scores = outputs[name]
                 shadowed = False
                 if fraction and queue is not None and should_shadow(request_id, fraction):
-                    rows = inputs[self.input_name]
-                    shadowed = queue.offer(ShadowSample(request_id, version, rows, logits, trace))
-                kept.append((request_id, version, logits, shadowed))
+                    sample = ShadowSample(request_id, version, inputs, scores, trace)
+                    shadowed = queue.offer(sample)
+                kept.append((request_id, version, scores, shadowed))
             self.feedback.put_many(kept)
         except Exception:  # monitoring must never fail the answer already computed
             log.exception("shadow/feedback hook failed for %d predictions", len(predictions))

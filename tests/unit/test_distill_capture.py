@@ -83,3 +83,46 @@ def test_pickled_objects_are_not_loaded(tmp_path: Path) -> None:
 def test_an_empty_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CaptureError, match="no capture"):
         load_capture(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["logits", "probabilities"])
+def test_the_gateways_segments_are_read_as_digits_logits(tmp_path: Path, kind: str) -> None:
+    """What monitoring/capture.py writes (inputs by name, teacher scores and their kind) trains
+    digits: probabilities come back as logits whose softmax is those probabilities."""
+    import asyncio
+
+    from scipy.special import softmax
+
+    from kdgate.monitoring.capture import CaptureStore
+
+    x = RNG.uniform(0, 16, size=(12, 64)).astype(np.float32)
+    logits = RNG.normal(size=(12, 10))
+    scores = (logits if kind == "logits" else softmax(logits, axis=1)).astype(np.float32)
+
+    async def main() -> None:
+        store = CaptureStore(tmp_path, teacher_kind=kind, segment_rows=5, max_rows=100)
+        for lo in range(0, 12, 4):
+            store.append({"input": x[lo : lo + 4]}, scores[lo : lo + 4])
+        await store.aclose()
+
+    asyncio.run(main())
+    cap = load_capture(tmp_path)
+    np.testing.assert_array_equal(cap.inputs, x)
+    np.testing.assert_allclose(
+        softmax(cap.teacher_logits, axis=1), softmax(logits, axis=1), rtol=1e-5, atol=1e-7
+    )
+    assert (cap.labels == -1).all()
+
+
+def test_a_gateway_capture_of_several_inputs_is_not_digits(tmp_path: Path) -> None:
+    np.savez(
+        tmp_path / "c.npz",
+        **{
+            "inputs/input_ids": np.zeros((2, 6), np.int64),
+            "inputs/attention_mask": np.ones((2, 6), np.int64),
+            "teacher_scores": np.zeros((2, 10), np.float32),
+            "teacher_kind": np.array("logits"),
+        },
+    )
+    with pytest.raises(CaptureError, match="one input"):
+        load_capture(tmp_path)

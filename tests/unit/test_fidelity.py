@@ -7,11 +7,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax as scipy_log_softmax
-from scipy.special import rel_entr
+from scipy.special import rel_entr, softmax
 from scipy.stats import entropy
 
 from kdgate.monitoring import fidelity
 from kdgate.monitoring.fidelity import CALIBRATION_BINS
+
+KINDS = ("logits", "probabilities")
 
 
 def _logits(seed: int, n: int = 200, c: int = 10, scale: float = 3.0) -> np.ndarray:
@@ -213,3 +215,53 @@ def test_properties_of_calibration(conf: np.ndarray, data: st.DataObject) -> Non
             for b in range(CALIBRATION_BINS)
         )
         assert fidelity.ece(cal) == pytest.approx(brute / len(conf), abs=1e-12)
+
+
+def _brute_force_ece(probs: np.ndarray, reference: np.ndarray) -> float:
+    correct = [0.0] * CALIBRATION_BINS
+    confidence = [0.0] * CALIBRATION_BINS
+    for row, ref in zip(probs, reference, strict=True):
+        top = int(np.argmax(row))
+        b = min(int(row[top] * CALIBRATION_BINS), CALIBRATION_BINS - 1)
+        confidence[b] += float(row[top])
+        correct[b] += float(top == ref)
+    return sum(abs(a - b) for a, b in zip(correct, confidence, strict=True)) / len(probs)
+
+
+@pytest.mark.parametrize(("student_kind", "teacher_kind"), [(s, t) for s in KINDS for t in KINDS])
+def test_compare_reads_each_side_as_its_kind(student_kind: str, teacher_kind: str) -> None:
+    """Probabilities are used as they are (never softmaxed again), logits are softmaxed; every
+    mix gives scipy's figures on the same distributions."""
+    rng = np.random.default_rng(11)
+    s_logits, t_logits = rng.normal(0, 2, (400, 6)), rng.normal(0, 2, (400, 6))
+    p_s, p_t = softmax(s_logits, axis=1), softmax(t_logits, axis=1)
+    student = s_logits if student_kind == "logits" else p_s
+    teacher = t_logits if teacher_kind == "logits" else p_t
+    got = fidelity.compare(student, teacher, student_kind=student_kind, teacher_kind=teacher_kind)
+    np.testing.assert_allclose(got.kl, entropy(p_t, p_s, axis=1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(got.agree, p_s.argmax(1) == p_t.argmax(1))
+    assert fidelity.ece(got.calibration) == pytest.approx(
+        _brute_force_ece(p_s, p_t.argmax(1)), rel=1e-9
+    )
+    labels = rng.integers(0, 6, 400)
+    cal = fidelity.calibration_against(student, labels, student_kind)
+    assert fidelity.ece(cal) == pytest.approx(_brute_force_ece(p_s, labels), rel=1e-9)
+
+
+def test_probabilities_are_clipped_not_softmaxed() -> None:
+    probs = np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    log_p = fidelity.log_probabilities(probs, "probabilities")
+    np.testing.assert_allclose(np.exp(log_p).sum(axis=1), 1.0)
+    assert np.exp(log_p[0, 1]) == pytest.approx(1e-12, rel=1e-6)
+    np.testing.assert_allclose(np.exp(log_p[1]), probs[1], rtol=1e-12)
+    with pytest.raises(ValueError, match="regression"):
+        fidelity.log_probabilities(probs, "regression")
+
+
+def test_regression_errors_per_value() -> None:
+    student = np.array([[1.0, 2.0], [0.0, -3.0]])
+    teacher = np.array([[1.5, 2.0], [0.0, -2.0]])
+    errors = fidelity.regression_errors(student, teacher)
+    np.testing.assert_allclose(errors.absolute, [0.5, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(errors.relative, [0.5 / 1.5, 0.0, 0.0, 0.5])
+    assert fidelity.regression_errors([1.0], [0.0]).relative[0] == np.inf

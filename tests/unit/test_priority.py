@@ -38,6 +38,6 @@ def test_the_local_teacher_runs_on_a_lowered_thread() -> None:
     model = (Path(__file__).resolve().parents[2] / "models/digits/teacher.onnx").read_bytes()
     teacher = LocalOnnxTeacher(model, name="t", version="1")
     assert teacher._executor.submit(thread_nice).result(timeout=10) == LOWEST
-    logits = asyncio.run(teacher.infer(np.zeros((2, 64), np.float32)))
+    logits = asyncio.run(teacher.infer({"input": np.zeros((2, 64), np.float32)}))
     asyncio.run(teacher.aclose())
     assert logits.shape == (2, 10)

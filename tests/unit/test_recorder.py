@@ -127,3 +127,51 @@ def test_bind_exports_zero_series_for_both_references() -> None:
         )
         == 0.0
     )
+
+
+def test_a_probabilities_teacher_and_a_logits_student_give_the_logits_pair_figures() -> None:
+    """The same distributions as logits on both sides, or with the teacher (and its label
+    calibration) as probabilities: the exported counters are the same."""
+    from scipy.special import softmax
+
+    student, teacher = _scores(3, 500, 7), _scores(4, 500, 7)
+    labels = np.random.default_rng(5).integers(0, 7, 500)
+    exported = []
+    for teacher_kind in ("logits", "probabilities"):
+        registry = CollectorRegistry()
+        recorder = FidelityRecorder(Metrics(registry), "m", teacher_kind=teacher_kind)
+        scores = teacher if teacher_kind == "logits" else softmax(teacher.astype(np.float64), 1)
+        recorder.record("1", student, scores)
+        recorder.record_labels(TEACHER_VERSION, scores, labels)
+        exported.append(
+            (
+                _value(registry, "kdgate_fidelity_kl_divergence_nats_sum", model="m", version="1"),
+                _value(registry, "kdgate_fidelity_agreements_total", model="m", version="1"),
+                _promql_ece(registry, "m", "1", "teacher"),
+                _promql_ece(registry, "m", TEACHER_VERSION, "label"),
+            )
+        )
+    logits_pair, mixed_pair = exported
+    assert mixed_pair == pytest.approx(logits_pair, rel=1e-9)
+    p_t, p_s = softmax(teacher.astype(np.float64), 1), softmax(student.astype(np.float64), 1)
+    assert logits_pair[0] == pytest.approx(entropy(p_t, p_s, axis=1).sum(), rel=1e-6)
+
+
+def test_regression_pairs_export_error_histograms_and_no_classification() -> None:
+    registry = CollectorRegistry()
+    recorder = FidelityRecorder(
+        Metrics(registry), "price", student_kind="regression", teacher_kind="regression"
+    )
+    recorder.bind("1")
+    student = np.array([[1.0], [2.0], [4.0]], np.float32)
+    teacher = np.array([[1.0], [2.5], [2.0]], np.float32)
+    recorder.record("1", student, teacher)
+    mv = {"model": "price", "version": "1"}
+    assert _value(registry, "kdgate_regression_abs_error_count", **mv) == 3
+    assert _value(registry, "kdgate_regression_abs_error_sum", **mv) == pytest.approx(2.5)
+    assert _value(registry, "kdgate_regression_rel_error_sum", **mv) == pytest.approx(0.2 + 1.0)
+    assert _value(registry, "kdgate_regression_abs_error_bucket", le="0.5", **mv) == 2
+    assert registry.get_sample_value("kdgate_fidelity_samples_total", mv) is None
+    assert recorder.record_labels("1", student, [0, 0, 0]).total == 0
+    with pytest.raises(ValueError, match="cannot compare"):
+        FidelityRecorder(Metrics(CollectorRegistry()), "m", student_kind="regression")

@@ -1,7 +1,7 @@
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +33,15 @@ class LinearTeacher:
         self.busy = False
         self.fail = False
 
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
-        self.calls.append(len(batch))
+    async def infer(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.calls.append(len(batch["x"]))
         self.busy = True
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
             if self.fail:
                 raise TeacherError("down")
-            return (batch @ W_TEACHER).astype(np.float32)
+            return (batch["x"] @ W_TEACHER).astype(np.float32)
         finally:
             self.busy = False
 
@@ -59,7 +59,7 @@ class Clock:
 
 def _sample(i: int, rows: int = 1, version: str = "1") -> ShadowSample:
     x = np.random.default_rng(i).uniform(-2, 2, size=(rows, 8)).astype(np.float32)
-    return ShadowSample(f"req-{i}", version, x, (x @ W_STUDENT).astype(np.float32))
+    return ShadowSample(f"req-{i}", version, {"x": x}, (x @ W_STUDENT).astype(np.float32))
 
 
 def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -127,7 +127,7 @@ def test_worker_records_fidelity_capture_and_teacher_predictions(tmp_path: Path)
         capture = CaptureStore(tmp_path, segment_rows=64, max_rows=10_000)
         feedback = FeedbackStore(recorder)
         for s in samples:
-            feedback.put(s.request_id, s.version, s.student_logits, shadowed=True)
+            feedback.put(s.request_id, s.version, s.student_scores, shadowed=True)
         teacher = LinearTeacher()
         worker = ShadowWorker(
             queue, teacher, recorder, capture=capture, feedback=feedback, max_batch=16
@@ -146,7 +146,7 @@ def test_worker_records_fidelity_capture_and_teacher_predictions(tmp_path: Path)
     assert _value(registry, "kdgate_shadow_queue_depth", model="digits") == 0
     for version in ("1", "2"):
         mine = [s for s in samples if s.version == version]
-        x = np.concatenate([s.inputs for s in mine]).astype(np.float64)
+        x = np.concatenate([s.inputs["x"] for s in mine]).astype(np.float64)
         t, st = x @ W_TEACHER, x @ W_STUDENT
         pt = np.exp(t - t.max(1, keepdims=True))
         ps = np.exp(st - st.max(1, keepdims=True))
@@ -163,15 +163,16 @@ def test_worker_records_fidelity_capture_and_teacher_predictions(tmp_path: Path)
     stored_x, stored_t = [], []
     for path in sorted(tmp_path.glob("*.npz")):
         with np.load(path, allow_pickle=False) as npz:
-            stored_x.append(npz["inputs"])
-            stored_t.append(npz["teacher_logits"])
-    all_x = np.concatenate([s.inputs for s in samples])
+            assert str(npz["teacher_kind"]) == "logits"
+            stored_x.append(npz["inputs/x"])
+            stored_t.append(npz["teacher_scores"])
+    all_x = np.concatenate([s.inputs["x"] for s in samples])
     np.testing.assert_array_equal(np.concatenate(stored_x), all_x)
     np.testing.assert_allclose(np.concatenate(stored_t), all_x @ W_TEACHER, rtol=1e-5, atol=1e-5)
     # The teacher's logits reached the feedback store: a label now also counts for the teacher.
     answer = feedback.apply_feedback([{"id": "req-0", "label": 0}])
     assert answer["accepted"] == 1
-    _, confidence = fidelity.top1(samples[0].inputs @ W_TEACHER)
+    _, confidence = fidelity.top1(samples[0].inputs["x"] @ W_TEACHER)
     teacher_bin = str(fidelity.bin_index(confidence)[0])
     labels = {"model": "digits", "version": "teacher", "reference": "label", "bin": teacher_bin}
     assert _value(registry, "kdgate_calibration_samples_total", **labels) == 1
@@ -332,3 +333,81 @@ def test_an_idle_worker_lingers_to_batch_rows_that_arrive_together() -> None:
         return teacher.calls
 
     assert asyncio.run(main()) == [3]
+
+
+class TokenTeacher:
+    """A two-input teacher: scores = the masked mean of the ids, times a fixed row vector."""
+
+    name = "tokens"
+    version = "1"
+
+    def __init__(self, classes: int = 3) -> None:
+        self.calls: list[dict[str, tuple[int, ...]]] = []
+        self.classes = classes
+
+    async def infer(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.calls.append({k: v.shape for k, v in batch.items()})
+        return _token_scores(batch["input_ids"], batch["attention_mask"], self.classes)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _token_scores(ids: np.ndarray, mask: np.ndarray, classes: int = 3) -> np.ndarray:
+    mean = (ids * mask).sum(axis=1) / mask.sum(axis=1)
+    return (mean[:, None] * np.linspace(-1, 1, classes)[None, :] / 10).astype(np.float32)
+
+
+def test_requests_of_other_sequence_lengths_go_to_the_teacher_in_separate_calls() -> None:
+    registry = CollectorRegistry()
+    rng = np.random.default_rng(3)
+    samples = []
+    for i, length in enumerate([6, 6, 9, 6, 9]):
+        ids = rng.integers(0, 50, (2, length)).astype(np.int64)
+        mask = np.ones_like(ids)
+        student = _token_scores(ids, mask) + rng.normal(0, 0.1, (2, 3)).astype(np.float32)
+        samples.append(
+            ShadowSample(f"r{i}", "1", {"input_ids": ids, "attention_mask": mask}, student)
+        )
+
+    async def main() -> TokenTeacher:
+        metrics = Metrics(registry)
+        queue = ShadowQueue(metrics, "text", capacity_rows=100)
+        teacher = TokenTeacher()
+        worker = ShadowWorker(queue, teacher, FidelityRecorder(metrics, "text"), max_batch=64)
+        for s in samples:
+            queue.offer(s)
+        await worker.process(queue.take(64))
+        return teacher
+
+    teacher = asyncio.run(main())
+    assert teacher.calls == [
+        {"input_ids": (6, 6), "attention_mask": (6, 6)},
+        {"input_ids": (4, 9), "attention_mask": (4, 9)},
+    ]
+    assert _value(registry, "kdgate_shadow_total", model="text", outcome="compared") == 10
+    student = np.concatenate([s.student_scores for s in samples]).astype(np.float64)
+    teacher_scores = np.concatenate(
+        [_token_scores(s.inputs["input_ids"], s.inputs["attention_mask"]) for s in samples]
+    ).astype(np.float64)
+    p_s = np.exp(student) / np.exp(student).sum(1, keepdims=True)
+    p_t = np.exp(teacher_scores) / np.exp(teacher_scores).sum(1, keepdims=True)
+    kl_sum = _value(registry, "kdgate_fidelity_kl_divergence_nats_sum", model="text", version="1")
+    assert kl_sum == pytest.approx(entropy(p_t, p_s, axis=1).sum(), rel=1e-4)
+
+
+def test_a_teacher_with_other_scores_shape_is_a_teacher_error() -> None:
+    registry = CollectorRegistry()
+    ids = np.ones((2, 4), np.int64)
+    sample = ShadowSample("r", "1", {"input_ids": ids, "attention_mask": ids}, np.zeros((2, 3)))
+
+    async def main() -> None:
+        metrics = Metrics(registry)
+        queue = ShadowQueue(metrics, "text", capacity_rows=10)
+        worker = ShadowWorker(queue, TokenTeacher(classes=5), FidelityRecorder(metrics, "text"))
+        queue.offer(sample)
+        await worker.process(queue.take(10))
+
+    asyncio.run(main())
+    assert _value(registry, "kdgate_shadow_total", model="text", outcome="teacher_error") == 2
+    assert _value(registry, "kdgate_shadow_total", model="text", outcome="compared") == 0

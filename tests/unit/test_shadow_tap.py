@@ -20,9 +20,7 @@ def hook(fraction: float, capacity_rows: int = 100) -> tuple[ModelShadow, Shadow
     metrics = Metrics(CollectorRegistry())
     feedback = FeedbackStore(FidelityRecorder(metrics, "m"), max_size=1000)
     queue = ShadowQueue(metrics, "m", capacity_rows=capacity_rows)
-    shadow = ModelShadow(
-        feedback, queue, shadow_fraction=lambda: fraction, input_name="x", output_name="y"
-    )
+    shadow = ModelShadow(feedback, queue, shadow_fraction=lambda: fraction, scores_name="y")
     return shadow, queue, metrics
 
 
@@ -63,6 +61,19 @@ async def test_a_broken_hook_never_raises_into_the_request(
     shadow, _, _ = hook(1.0)
     shadow.observe("r", "1", {"x": np.ones((1, 4), np.float32)}, {"other": np.zeros((1, 3))})
     assert "shadow/feedback hook failed" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_every_input_of_a_request_is_shadowed_by_name() -> None:
+    shadow, queue, _ = hook(1.0)
+    ids = np.arange(12, dtype=np.int64).reshape(2, 6)
+    mask = np.ones((2, 6), np.int64)
+    scores = np.zeros((2, 3), np.float32)
+    shadow.observe("r", "1", {"input_ids": ids, "attention_mask": mask}, {"y": scores, "z": ids})
+    (sample,) = queue.take(10)
+    assert sorted(sample.inputs) == ["attention_mask", "input_ids"]
+    assert sample.inputs["input_ids"] is ids and sample.inputs["attention_mask"] is mask
+    assert sample.student_scores is scores and sample.rows == 2
 
 
 @pytest.fixture

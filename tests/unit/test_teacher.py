@@ -17,8 +17,10 @@ from kdgate.monitoring.teacher import (
     LocalOnnxTeacher,
     RemoteOipTeacher,
     TeacherError,
-    checked_logits,
+    checked_scores,
+    v2_json_tensor,
 )
+from tests.support.text_pair import reference_scores, text_model, text_weights, token_batch
 from tests.support.trickling_teacher import TricklingTeacher
 
 RNG = np.random.default_rng(0)
@@ -51,7 +53,7 @@ def test_local_teacher_runs_the_model_off_the_loop() -> None:
     async def main() -> tuple[np.ndarray, np.ndarray]:
         teacher = LocalOnnxTeacher(linear_onnx(W, B), name="digits-teacher", version="3")
         try:
-            return await teacher.infer(x), await teacher.infer(x[:1])
+            return await teacher.infer({"input": x}), await teacher.infer({"input": x[:1]})
         finally:
             await teacher.aclose()
 
@@ -84,7 +86,7 @@ def test_a_slow_local_run_does_not_block_the_event_loop() -> None:
                 ticks += 1
 
         task = asyncio.create_task(ticker())
-        await teacher.infer(np.zeros((2, 64), np.float32))
+        await teacher.infer({"input": np.zeros((2, 64), np.float32)})
         task.cancel()
         await teacher.aclose()
         return ticks
@@ -98,12 +100,110 @@ def test_local_teacher_wraps_runtime_errors() -> None:
     async def main() -> None:
         teacher = LocalOnnxTeacher(linear_onnx(W, B), name="t", version="1")
         try:
-            await teacher.infer(np.zeros((2, 63), np.float32))
+            await teacher.infer({"input": np.zeros((2, 63), np.float32)})
         finally:
             await teacher.aclose()
 
     with pytest.raises(TeacherError, match="failed"):
         asyncio.run(main())
+
+
+def test_local_teacher_gets_every_input_by_name_through_the_input_map() -> None:
+    """A two-input INT64 teacher that calls its inputs `ids`/`mask`: the student's `input_ids`
+    and `attention_mask` reach it through the map, and its scores output is the one asked for."""
+    weights = text_weights(1, classes=4)
+    model = text_model(weights, ids_name="ids", mask_name="mask", output_name="scores")
+    ids, mask = token_batch(np.random.default_rng(5), 9)
+
+    async def main() -> np.ndarray:
+        teacher = LocalOnnxTeacher(
+            model.SerializeToString(),
+            name="text-teacher",
+            version="1",
+            output_name="scores",
+            input_map={"input_ids": "ids", "attention_mask": "mask"},
+        )
+        try:
+            return await teacher.infer({"input_ids": ids, "attention_mask": mask})
+        finally:
+            await teacher.aclose()
+
+    scores = asyncio.run(main())
+    np.testing.assert_allclose(scores, reference_scores(weights, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_local_teacher_without_a_mapping_misses_the_inputs_it_calls_otherwise() -> None:
+    model = text_model(text_weights(1, classes=4), ids_name="ids", mask_name="mask")
+    ids, mask = token_batch(np.random.default_rng(5), 2)
+
+    async def main() -> None:
+        teacher = LocalOnnxTeacher(model.SerializeToString(), name="t", version="1")
+        try:
+            await teacher.infer({"input_ids": ids, "attention_mask": mask})
+        finally:
+            await teacher.aclose()
+
+    with pytest.raises(TeacherError, match="failed"):
+        asyncio.run(main())
+
+
+def test_remote_teacher_sends_every_input_with_its_datatype_and_reads_the_named_output() -> None:
+    seen: list[dict[str, Any]] = []
+    weights = text_weights(2, classes=3)
+    ids, mask = token_batch(np.random.default_rng(6), 4)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        tensors = {t["name"]: t for t in body["inputs"]}
+        got_ids = np.asarray(tensors["ids"]["data"], np.int64).reshape(tensors["ids"]["shape"])
+        got_mask = np.asarray(tensors["attention_mask"]["data"], np.int64).reshape(
+            tensors["attention_mask"]["shape"]
+        )
+        probs = np.exp(reference_scores(weights, got_ids, got_mask))
+        probs /= probs.sum(axis=1, keepdims=True)
+        outputs = [
+            {"name": "label", "shape": [len(probs)], "datatype": "INT64", "data": [0] * len(probs)},
+            {
+                "name": "probabilities",
+                "shape": list(probs.shape),
+                "datatype": "FP32",
+                "data": probs.ravel().tolist(),
+            },
+        ]
+        return httpx.Response(200, json={"outputs": outputs})
+
+    async def main() -> np.ndarray:
+        with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+            teacher = RemoteOipTeacher(
+                client,
+                url="http://t",
+                model="text-teacher",
+                output_name="probabilities",
+                input_datatypes={"input_ids": "INT64", "attention_mask": "INT64"},
+                input_map={"input_ids": "ids"},
+            )
+            try:
+                return await teacher.infer({"input_ids": ids, "attention_mask": mask})
+            finally:
+                await teacher.aclose()
+
+    probs = asyncio.run(main())
+    expected = np.exp(reference_scores(weights, ids, mask))
+    np.testing.assert_allclose(probs, expected / expected.sum(axis=1, keepdims=True), rtol=1e-5)
+    (body,) = seen
+    assert [(t["name"], t["datatype"], t["shape"]) for t in body["inputs"]] == [
+        ("ids", "INT64", [4, 6]),
+        ("attention_mask", "INT64", [4, 6]),
+    ]
+    assert body["outputs"] == [{"name": "probabilities"}]
+
+
+def test_v2_json_tensors_of_other_datatypes() -> None:
+    half = v2_json_tensor("x", "FP16", np.array([[0.5, 1.5]], np.float16))
+    assert half["data"].dtype == np.float32 and half["shape"] == [1, 2]
+    text = v2_json_tensor("s", "BYTES", np.array([[b"hi", b"there"]], dtype=object))
+    assert text == {"name": "s", "shape": [1, 2], "datatype": "BYTES", "data": ["hi", "there"]}
 
 
 def _oip_server(requests: list[dict[str, Any]]) -> httpx.MockTransport:
@@ -151,7 +251,7 @@ def test_remote_teacher_calls_from_its_own_thread_in_the_callers_context() -> No
         with httpx.Client(transport=httpx.MockTransport(handler)) as client:
             teacher = RemoteOipTeacher(client, url="http://t", model="digits-teacher")
             try:
-                await teacher.infer(np.zeros((1, 4), np.float32))
+                await teacher.infer({"input": np.zeros((1, 4), np.float32)})
             finally:
                 await teacher.aclose()
         return threading.current_thread().name
@@ -171,7 +271,7 @@ def test_remote_teacher_speaks_oip_v2_json() -> None:
             teacher = RemoteOipTeacher(
                 client, url="http://teacher:8001/", model="digits-teacher", model_version="2"
             )
-            return await teacher.infer(x)
+            return await teacher.infer({"input": x})
 
     logits = asyncio.run(main())
     np.testing.assert_allclose(logits, x.astype(np.float64) @ W + B, rtol=1e-5, atol=1e-4)
@@ -212,7 +312,7 @@ def test_remote_teacher_failures_are_teacher_errors(response: httpx.Response, ma
     async def main() -> None:
         with httpx.Client(transport=httpx.MockTransport(lambda _: response)) as client:
             await RemoteOipTeacher(client, url="http://t", model="m").infer(
-                np.zeros((2, 4), np.float32)
+                {"input": np.zeros((2, 4), np.float32)}
             )
 
     with pytest.raises(TeacherError, match=match):
@@ -229,7 +329,7 @@ def test_remote_teacher_transport_errors_and_timeout_are_teacher_errors() -> Non
     async def main() -> None:
         with httpx.Client(transport=httpx.MockTransport(handler)) as client:
             await RemoteOipTeacher(client, url="http://t", model="m", timeout_seconds=0.25).infer(
-                np.zeros((1, 4), np.float32)
+                {"input": np.zeros((1, 4), np.float32)}
             )
 
     with pytest.raises(TeacherError, match="ReadTimeout"):
@@ -237,9 +337,9 @@ def test_remote_teacher_transport_errors_and_timeout_are_teacher_errors() -> Non
     assert timeouts[0]["read"] == 0.25
 
 
-def test_checked_logits_rejects_non_finite() -> None:
+def test_checked_scores_rejects_non_finite() -> None:
     with pytest.raises(TeacherError, match="non-finite"):
-        checked_logits(np.array([[np.nan, 0.0]]), 1)
+        checked_scores(np.array([[np.nan, 0.0]]), 1)
 
 
 # -- a remote teacher that trickles its answer: a real server on 127.0.0.1 ---------------------
@@ -261,17 +361,17 @@ def test_a_trickling_teacher_is_cut_at_the_total_deadline_and_resumes_when_it_re
         with httpx.Client(transport=DeadlineTransport()) as client:
             teacher = RemoteOipTeacher(client, url=trickling.url, model="m", timeout_seconds=0.6)
             try:
-                assert (await teacher.infer(batch)).shape == (3, 2)
+                assert (await teacher.infer({"input": batch})).shape == (3, 2)
                 trickling.mode = mode
                 started = time.monotonic()
                 with pytest.raises(TeacherError, match="Timeout"):
                     # Each byte comes well within the 0.6 s per-read timeout: only a total
                     # deadline ends this call. The outer bound keeps a regression from hanging.
-                    await asyncio.wait_for(teacher.infer(batch), 10)
+                    await asyncio.wait_for(teacher.infer({"input": batch}), 10)
                 assert 0.5 < time.monotonic() - started < 1.5
                 trickling.mode = "ok"  # the teacher recovers: the very next call goes through
                 started = time.monotonic()
-                assert (await asyncio.wait_for(teacher.infer(batch), 10)).shape == (3, 2)
+                assert (await asyncio.wait_for(teacher.infer({"input": batch}), 10)).shape == (3, 2)
                 assert time.monotonic() - started < 1.0
             finally:
                 await teacher.aclose()
@@ -287,7 +387,7 @@ def test_closing_a_teacher_during_an_endless_trickle_takes_at_most_one_timeout(
     async def main() -> float:
         with httpx.Client(transport=DeadlineTransport()) as client:
             teacher = RemoteOipTeacher(client, url=trickling.url, model="m", timeout_seconds=0.8)
-            call = asyncio.ensure_future(teacher.infer(np.zeros((1, 4), np.float32)))
+            call = asyncio.ensure_future(teacher.infer({"input": np.zeros((1, 4), np.float32)}))
             await asyncio.sleep(0.2)  # the call is in the middle of the trickle
             started = time.monotonic()
             await asyncio.wait_for(teacher.aclose(), 10)
