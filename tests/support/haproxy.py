@@ -66,6 +66,9 @@ defaults
     retries 3
     option redispatch 1
     retry-on all-retryable-errors
+    # Wait for the whole body before picking a server: only a request HAProxy holds entirely
+    # can be sent again.
+    option http-buffer-request
 
 frontend kdgate
     bind 127.0.0.1:{port}
@@ -114,7 +117,8 @@ def haproxy(
         text=True,
     )
     log: list[str] = []
-    threading.Thread(target=_pump, args=(process, log), daemon=True).start()
+    pump = threading.Thread(target=_pump, args=(process, log), daemon=True)
+    pump.start()
     proxy = HAProxy(process, port, log)
     try:
         deadline = time.monotonic() + deadline_seconds
@@ -130,3 +134,6 @@ def haproxy(
         yield proxy
     finally:
         stop(process, grace_seconds=5)
+        pump.join(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()

@@ -272,6 +272,9 @@ def test_a_fleet_follows_one_traffic_file_and_asks_once_per_breach_through_any_r
             )
         deliveries = receiver.received()
 
+    for line in proxy.log:  # what HAProxy could not hide from clients, for a failure's log
+        if "/infer" in line and " 200 " not in line:
+            log.info("haproxy: %s", line.strip())
     ids_per_slo: dict[str, set[str]] = {}
     for delivery in deliveries:
         assert Webhook(SECRET).verify(delivery.body, delivery.headers)
@@ -283,5 +286,4 @@ def test_a_fleet_follows_one_traffic_file_and_asks_once_per_breach_through_any_r
     assert held <= {d.id for d in deliveries}, "a request held by the killed replica was lost"
     assert converged < 5
     for phase, stats in (("clean", clean["stats"]), ("drifted", drifted["stats"])):
-        failed = [line for line in proxy.log if '/infer' in line and " 200 " not in line]
-        assert stats.errors == 0 and stats.ok == stats.sent > 0, (phase, stats.error_kinds, failed)
+        assert stats.errors == 0 and stats.ok == stats.sent > 0, (phase, stats.error_kinds)
