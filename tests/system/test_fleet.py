@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,7 @@ RETRAIN_SLOS = {"agreement", "kl_mean", "ece_teacher", "ece_label", "drift_share
 # Fed by shadow traffic alone, so inverted digits breach them within seconds.
 FIDELITY = {"kl_mean", "ece_teacher"}
 WINDOW_SECONDS = 20
+RETRIED = re.compile(r" \d+/\d+/\d+/\d+/\+?[1-9]\d* ")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -275,6 +277,10 @@ def test_a_fleet_follows_one_traffic_file_and_asks_once_per_breach_through_any_r
     for line in proxy.log:  # what HAProxy could not hide from clients, for a failure's log
         if "/infer" in line and " 200 " not in line:
             log.info("haproxy: %s", line.strip())
+    # httplog's actconn/feconn/beconn/srv_conn/retries ("+" when redispatched): the kill must
+    # have cost some requests a retry, or it did not test what HAProxy may retry.
+    retried = [line for line in proxy.log if RETRIED.search(line) and "/infer" in line]
+    assert retried, "no inference request was retried: the kill missed the traffic"
     ids_per_slo: dict[str, set[str]] = {}
     for delivery in deliveries:
         assert Webhook(SECRET).verify(delivery.body, delivery.headers)
