@@ -40,7 +40,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -333,6 +333,33 @@ class Outbox:
                 )
             return rows
 
+        return [_entry(row) for row in self._run(claim)]
+
+    def claim(self, entry_ids: Sequence[str], *, lease_seconds: float) -> list[OutboxEntry]:
+        """The entries `entry_ids` that are not delivered, leased for a delivery now.
+
+        Due or not: the caller has a fresh reason to try (Alertmanager sent the alert again).
+        A failed entry is made pending again for the same reason. Delivered ones are left out.
+        """
+        now = self._clock()
+        marks = ",".join("?" * len(entry_ids))
+
+        def claim(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            with _transaction(db):
+                rows = db.execute(
+                    f"SELECT * FROM outbox WHERE id IN ({marks}) AND status != 'delivered'"  # noqa: S608 - placeholders only
+                    " ORDER BY created",
+                    tuple(entry_ids),
+                ).fetchall()
+                db.executemany(
+                    "UPDATE outbox SET next_attempt_at = ?, open_until = NULL,"
+                    " status = 'pending' WHERE id = ?",
+                    [(now + lease_seconds, row[0]) for row in rows],
+                )
+            return rows
+
+        if not entry_ids:
+            return []
         return [_entry(row) for row in self._run(claim)]
 
     def mark_delivered(self, entry_id: str) -> None:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -89,6 +89,14 @@ class WebhookConfig(BaseModel):
     max_age_seconds: float = Field(default=86400.0, gt=0, description="then marked failed")
     timeout_seconds: float = Field(default=10.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0, description="outbox poll interval")
+    # What a 2xx from POST /v1/hooks/alertmanager promises (docs/fleet.md). "durable": the
+    # request is in this replica's outbox (202), which outlives the process but not the disk.
+    # "delivered": the retrain receiver answered 2xx (200); else 503 within
+    # `hook_deadline_seconds`, so Alertmanager's own retries carry the alert (through the load
+    # balancer, to any replica) under the same webhook-id: nothing rests on one pod's disk.
+    hook_ack: Literal["durable", "delivered"] = "durable"
+    # Below Alertmanager's notify timeout (at least 10 s per flush) so it still gets our 503.
+    hook_deadline_seconds: float = Field(default=5.0, gt=0, description="delivered: then 503")
 
     @field_validator("secret")
     @classmethod
@@ -105,6 +113,8 @@ class WebhookConfig(BaseModel):
     def _signed(self) -> Self:
         if self.url is not None and self.secret is None:
             raise ValueError("webhook.url is set but webhook.secret is not: deliveries are signed")
+        if self.hook_ack == "delivered" and self.url is None:
+            raise ValueError("webhook.hook_ack is delivered but webhook.url is not set")
         return self
 
 
@@ -292,7 +302,29 @@ class Notifier:
             await self._deliver(entry)
         return len(entries)
 
-    async def _deliver(self, entry: OutboxEntry) -> None:
+    async def deliver_now(self, entry_ids: Sequence[str], deadline_seconds: float) -> set[str]:
+        """POST the entries `entry_ids` at once (concurrently), for at most `deadline_seconds`.
+
+        Returns the ids the receiver has taken (now or before). An entry not taken keeps its
+        place in the outbox: a failed attempt schedules a retry; one cut by the deadline stays
+        leased for `2 * deadline_seconds`, then the notifier claims it again.
+        """
+        ids = list(dict.fromkeys(entry_ids))
+        lease = 2 * deadline_seconds
+        entries = await asyncio.to_thread(self._outbox.claim, ids, lease_seconds=lease)
+        taken = await asyncio.to_thread(self._delivered, set(ids) - {e.id for e in entries})
+        results: list[bool] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline_seconds):
+                results = await asyncio.gather(*(self._deliver(entry) for entry in entries))
+        return taken | {entry.id for entry, ok in zip(entries, results, strict=False) if ok}
+
+    def _delivered(self, entry_ids: set[str]) -> set[str]:
+        """Those of `entry_ids` the outbox holds as delivered (blocking)."""
+        entries = (self._outbox.get(entry_id) for entry_id in entry_ids)
+        return {e.id for e in entries if e is not None and e.status == "delivered"}
+
+    async def _deliver(self, entry: OutboxEntry) -> bool:
         timestamp = int(self._clock())
         headers = signed_headers(self._secret.get_secret_value(), entry.id, entry.body, timestamp)
         try:
@@ -306,7 +338,7 @@ class Notifier:
             await asyncio.to_thread(self._outbox.mark_delivered, entry.id)
             self._count(entry, "delivered")
             log.info("retrain webhook %s delivered (model %s)", entry.id, entry.model)
-            return
+            return True
         now = self._clock()
         if now - entry.created >= self._config.max_age_seconds:
             await asyncio.to_thread(self._outbox.mark_failed, entry.id, error)
@@ -317,7 +349,7 @@ class Notifier:
                 entry.attempts + 1,
                 error,
             )
-            return
+            return False
         delay = backoff_seconds(
             entry.attempts,
             self._config.backoff_base_seconds,
@@ -327,6 +359,7 @@ class Notifier:
         await asyncio.to_thread(self._outbox.schedule_retry, entry.id, now + delay, error)
         self._count(entry, "retried")
         log.warning("retrain webhook %s: %s; retry in %.1f s", entry.id, error, delay)
+        return False
 
     def _count(self, entry: OutboxEntry, outcome: str) -> None:
         self._metrics.retrain_requests.labels(model=entry.model, outcome=outcome).inc()

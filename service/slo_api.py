@@ -11,6 +11,11 @@ no or malformed `Authorization` -> 401, another token -> 403. The body is bounde
 outbox entries deduplicated by fingerprint + `startsAt`; resolved alerts are ignored, alerts for
 a model not served here are skipped (listed in the answer). When the outbox cannot be written the
 answer is 503 with Retry-After, so Alertmanager sends the group again.
+
+What the 2xx promises is `webhook.hook_ack` (docs/fleet.md): `durable` (202) once the requests
+are in this replica's outbox; `delivered` (200) once the retrain receiver has taken them, tried at
+once and for at most `webhook.hook_deadline_seconds`, else 503: Alertmanager sends the group again,
+to whichever replica the load balancer picks, and the webhook-id is the same on every replica.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -76,10 +82,12 @@ def build_slo_router(
         return Response(html, media_type="text/html; charset=utf-8")
 
     body_deadline = BodyDeadline(settings.server.body_timeout_seconds)
+    webhook = settings.webhook
 
     @api.post("/v1/hooks/alertmanager")
     async def alertmanager_hook(request: Request) -> JsonResponse:
-        """Queue one retrain request per new firing alert (fingerprint + startsAt)."""
+        """Queue one retrain request per new firing alert (fingerprint + startsAt); with
+        `hook_ack: delivered`, deliver them before answering."""
         token = settings.admin.token
         if token is None:
             raise HTTPException(404, "the Alertmanager hook is off: set admin.token")
@@ -129,15 +137,47 @@ def build_slo_router(
                 headers={"retry-after": str(RETRY_AFTER_SECONDS)},
             )
         finally:
-            if queued:
+            if queued and webhook.hook_ack == "durable":
                 runtime.wake_notifier()
+        answer = {
+            "queued": queued,
+            "duplicates": len(batch.requests) - len(queued),
+            "skipped": [dataclasses.asdict(s) for s in batch.skipped],
+        }
+        if webhook.hook_ack == "durable":
+            return JsonResponse(answer, status_code=202)
+        return await _delivered(answer, [item.message_id for item in batch.requests])
+
+    async def _delivered(answer: dict[str, Any], entry_ids: list[str]) -> JsonResponse:
+        """hook_ack delivered: 200 once the receiver took every request, else 503."""
+        notifier = runtime.notifier
+        if notifier is None:
+            raise NotReady("the retrain webhook notifier is starting")
+        try:
+            taken = await notifier.deliver_now(entry_ids, webhook.hook_deadline_seconds)
+        except OutboxUnavailable as exc:
+            log.error("Alertmanager hook: %s; answered 503", exc)
+            taken = set()
+        waiting = [entry_id for entry_id in entry_ids if entry_id not in taken]
+        if not waiting:
+            return JsonResponse({**answer, "delivered": entry_ids}, status_code=200)
+        # Kept in this outbox too (the notifier retries it), but what makes it safe to lose this
+        # replica is that Alertmanager keeps sending the alert until some replica answers 2xx.
+        log.warning(
+            "Alertmanager hook: the retrain receiver did not take %s within %g s; answered 503",
+            ", ".join(waiting),
+            webhook.hook_deadline_seconds,
+        )
         return JsonResponse(
             {
-                "queued": queued,
-                "duplicates": len(batch.requests) - len(queued),
-                "skipped": [dataclasses.asdict(s) for s in batch.skipped],
+                "error": f"the retrain receiver did not take {len(waiting)} of {len(entry_ids)} "
+                f"requests within {webhook.hook_deadline_seconds:g} s; send the alerts again",
+                **answer,
+                "delivered": [entry_id for entry_id in entry_ids if entry_id in taken],
+                "waiting": waiting,
             },
-            status_code=202,
+            status_code=503,
+            headers={"retry-after": str(RETRY_AFTER_SECONDS)},
         )
 
     return api

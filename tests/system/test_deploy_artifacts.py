@@ -29,7 +29,7 @@ PROMETHEUS = ROOT / "deploy" / "prometheus"
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.33.0"
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"}
 # Fidelity SLOs ask for a retrain; latency and availability do not (a new student fixes neither).
 RETRAIN_SLOS = {"agreement", "kl_mean", "ece_teacher", "ece_label", "drift_share"}
 # Peak RSS of `kdgate serve` (default config) + its drift child + the multiprocessing resource
@@ -388,3 +388,40 @@ def test_production_overlay_sets_the_runbook_base(tmp_path: Path) -> None:
         url.replace("http://localhost:8000/", "https://kdgate.example.com/") for url in shipped
     ]
     assert runbook_links(kustomize(copy / "overlays" / "production")) == wanted
+
+
+def test_alertmanagerconfig_routes_the_retrain_alerts_to_the_services_hook() -> None:
+    docs = kustomize(KUBERNETES / "overlays" / "production")
+    (config,) = (d for d in docs if d["kind"] == "AlertmanagerConfig")
+    (service,) = (d for d in docs if d["kind"] == "Service")
+    route = config["spec"]["route"]
+    (matcher,) = route["matchers"]
+    compose_route = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())["route"]["routes"][0]
+    assert (
+        f'{matcher["name"]}{matcher["matchType"]}"{matcher["value"]}"'
+        == (compose_route["matchers"][0])
+    )
+    (receiver,) = config["spec"]["receivers"]
+    (hook,) = receiver["webhookConfigs"]
+    namespace, port = service["metadata"]["namespace"], service["spec"]["ports"][0]["port"]
+    name = service["metadata"]["name"]
+    assert hook["url"] == f"http://{name}.{namespace}.svc:{port}/v1/hooks/alertmanager"
+    assert hook["httpConfig"]["authorization"]["credentials"] == {
+        "name": "kdgate",
+        "key": "admin-token",
+    }
+    assert hook["sendResolved"] is False
+
+
+def test_fleet_mode_in_the_deployment_and_compose() -> None:
+    (deployment,) = (d for d in kustomize(KUBERNETES / "base") if d["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KDGATE_SLO__EVALUATOR"] == "fleet"
+    assert env["KDGATE_WEBHOOK__HOOK_ACK"] == "delivered"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["gateway"]
+    assert compose["environment"]["KDGATE_SLO__EVALUATOR"] == "fleet"
+    assert compose["environment"]["KDGATE_WEBHOOK__HOOK_ACK"] == "delivered"
+    traffic = Path(compose["environment"]["KDGATE_TRAFFIC__FILE"])
+    (mount,) = (v for v in compose["volumes"] if v.split(":")[1] == str(traffic.parent))
+    assert (ROOT / mount.split(":")[0] / traffic.name).is_file()

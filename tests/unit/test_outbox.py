@@ -280,3 +280,27 @@ def test_an_unusable_location_raises_outbox_unavailable_until_it_is_fixed(
         outbox.claim_due()
     outbox.path.parent.unlink()
     assert _breach(outbox, "during")
+
+
+def test_claim_leases_the_named_undelivered_entries_due_or_not(
+    outbox: Outbox, clock: FakeClock
+) -> None:
+    pending, later, delivered, failed = (
+        outbox.enqueue({"n": n}, dedup_key=f"k{n}", model="digits") for n in range(4)
+    )
+    assert pending and later and delivered and failed
+    outbox.schedule_retry(later, clock.now + 3600, "HTTP 503")  # not due for an hour
+    outbox.mark_delivered(delivered)
+    outbox.mark_failed(failed, "too old")
+    outbox.enqueue({"n": 9}, dedup_key="other", model="digits")  # not named: not claimed
+
+    claimed = outbox.claim([pending, later, delivered, failed, "msg_unknown"], lease_seconds=10)
+
+    assert sorted(e.id for e in claimed) == sorted([pending, later, failed])
+    for entry_id in (pending, later, failed):
+        entry = outbox.get(entry_id)
+        assert entry is not None
+        assert (entry.status, entry.next_attempt_at) == ("pending", clock.now + 10)
+    # Leased: the notifier's next round does not send them at the same time.
+    assert [e.payload for e in outbox.claim_due()] == [{"n": 9}]
+    assert outbox.claim([], lease_seconds=10) == []
