@@ -80,7 +80,7 @@ class DriftConfig(BaseModel):
         default="inputs", description="the array of a single-input model, besides its own name"
     )
     reference_rows: int = Field(
-        default=500, ge=10, description="no reference file: the first N served rows become it"
+        default=1000, ge=10, description="no reference file: the first N served rows become it"
     )
     predictions: Literal["auto", "always", "never"] = Field(
         default="auto", description="predicted class + confidence; auto: models that are not tables"
