@@ -155,8 +155,8 @@ def token_batch(
     rng: np.random.Generator, rows: int, *, shifted: bool = False
 ) -> dict[str, np.ndarray]:
     """`rows` token sequences of length 12 with 6-12 real tokens; `shifted` draws the ids from
-    the top fifth of the vocabulary instead of all of it (a new topic)."""
-    low = VOCAB * 4 // 5 if shifted else 0
+    the top tenth of the vocabulary instead of all of it (a new topic)."""
+    low = VOCAB * 9 // 10 if shifted else 0
     ids = rng.integers(low, VOCAB, (rows, TOKENS), dtype=np.int64)
     lengths = rng.integers(6, TOKENS + 1, rows)
     mask = (np.arange(TOKENS)[None, :] < lengths[:, None]).astype(np.int64)
