@@ -185,34 +185,49 @@ class DriftFeatures:
     def _from_scores(self, scores: Float32Array) -> Float32Array:
         if self.output_kind == "regression":
             return scores
+        out = np.empty((len(scores), 2), np.float32)  # predicted class, confidence
         if scores.shape[1] == 1:  # one column: the score of class 1 of a binary classifier
             p1 = scores[:, 0]
             if self.output_kind == "logits":
                 p1 = (1 / (1 + np.exp(-p1))).astype(np.float32)
-            predicted = (p1 >= 0.5).astype(np.float32)
-            confidence = np.maximum(p1, 1 - p1)
+            out[:, 0] = p1 >= 0.5
+            np.maximum(p1, 1 - p1, out=out[:, 1])
+            return out
+        out[:, 0] = scores.argmax(1)
+        top = scores.max(1, keepdims=True)
+        if self.output_kind == "logits":
+            # The top-1 softmax probability without forming the softmax: 1 / sum exp(l - max).
+            np.divide(1, np.exp(scores - top).sum(1), out=out[:, 1])
         else:
-            predicted = scores.argmax(1).astype(np.float32)
-            if self.output_kind == "logits":
-                # The top-1 softmax probability without forming the softmax: 1 / sum exp(l - max).
-                top = scores.max(1, keepdims=True)
-                confidence = 1 / np.exp(scores - top).sum(1)
-            else:
-                confidence = scores.max(1)
-        return np.column_stack([predicted, confidence]).astype(np.float32, copy=False)
+            out[:, 1] = top[:, 0]
+        return out
 
     def _project(self, requests: Sequence[Arrays]) -> Float32Array:
-        flat = []
-        for inputs in requests:
-            arrays = [inputs[s.name] for s in self.projected]
-            n = len(arrays[0])
-            row = [np.asarray(a, dtype=np.float32).reshape(n, -1) for a in arrays]
-            flat.append(row[0] if len(row) == 1 else np.hstack(row))
-        if self._width is None:  # a dynamic dimension: the first rows seen fix the width
-            self._width = flat[0].shape[1]
-        width = self._width
-        fitted = [_fit_width(f, width) for f in flat]
-        return (_stack(fitted) @ self._directions(width)).astype(np.float32, copy=False)
+        columns = []
+        for spec in self.projected:
+            arrays = [inputs[spec.name] for inputs in requests]
+            if len({a.shape[1:] for a in arrays}) != 1:  # e.g. tokens of several lengths
+                columns = []
+                break
+            joined = _stack(arrays)
+            columns.append(joined.reshape(len(joined), -1))
+        if columns:  # the usual batch: one stack per input
+            flat = columns[0] if len(columns) == 1 else np.hstack(columns)
+            if self._width is None:  # a dynamic dimension: the first rows seen fix the width
+                self._width = flat.shape[1]
+            flat = _fit_width(flat, self._width)
+        else:  # row widths differ between requests: flatten and fit each request's rows
+            per_request = [self._project_one(inputs) for inputs in requests]
+            if self._width is None:
+                self._width = per_request[0].shape[1]
+            flat = _stack([_fit_width(f, self._width) for f in per_request])
+        return (flat @ self._directions(self._width)).astype(np.float32, copy=False)
+
+    def _project_one(self, inputs: Arrays) -> Float32Array:
+        arrays = [inputs[s.name] for s in self.projected]
+        n = len(arrays[0])
+        flat = [np.asarray(a, dtype=np.float32).reshape(n, -1) for a in arrays]
+        return flat[0] if len(flat) == 1 else np.hstack(flat)
 
     def _directions(self, width: int) -> Float32Array:
         if self._matrix is None:
