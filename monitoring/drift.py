@@ -191,13 +191,26 @@ class Reference:
 
     `rows` (any thread) is None until the sample is complete: a worker thread reads it while the
     event loop collects, and the array is published with one assignment once built.
+
+    A served reference given `keep` (a file path) is written there once complete (`save`, from
+    the drift job's thread) and read back at the next start while `identity` (the student and
+    the columns it was made with) is the same: a restart in the middle of an incident must not
+    make the drifted traffic the new reference.
     """
 
     def __init__(
-        self, rows: npt.ArrayLike | None = None, *, source: str, size: int | None = None
+        self,
+        rows: npt.ArrayLike | None = None,
+        *,
+        source: str,
+        size: int | None = None,
+        keep: Path | None = None,
+        identity: str = "",
     ) -> None:
         self.source = source
+        self.keep, self.identity = keep, identity
         self.rows: npt.NDArray[np.float32] | None = None
+        self.saved = False
         self._parts: list[npt.NDArray[np.float32]] = []
         if rows is not None:
             self.rows = np.asarray(rows, dtype=np.float32)
@@ -207,9 +220,24 @@ class Reference:
             self.size, self.collected = size, 0
 
     @classmethod
-    def served(cls, size: int) -> Reference:
-        """A reference made of the first `size` rows served."""
-        return cls(source="served", size=size)
+    def served(cls, size: int, *, keep: Path | None = None, identity: str = "") -> Reference:
+        """The first `size` rows served; the ones kept in `keep` if it holds them for the same
+        `identity` (a file that does not is ignored, and replaced once collected again)."""
+        reference = cls(source="served", size=size, keep=keep, identity=identity)
+        if keep is None or not keep.is_file():
+            return reference
+        try:
+            with np.load(keep, allow_pickle=False) as data:
+                rows, kept_identity = data["rows"], str(data["identity"])
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("drift reference %s not read (%s): collecting it again", keep, exc)
+            return reference
+        if kept_identity != identity or len(rows) < size or rows.ndim != 2:
+            log.info("drift reference %s was made for another student or columns", keep)
+            return reference
+        reference.rows = np.asarray(rows[:size], dtype=np.float32)
+        reference.collected, reference.saved = size, True
+        return reference
 
     @property
     def ready(self) -> bool:
@@ -229,12 +257,31 @@ class Reference:
         rest = rows[need:]
         return rest if len(rest) else None
 
+    def save(self) -> None:
+        """Write a complete served reference to `keep` once (blocking; atomic replace). A failure
+        is logged: drift goes on with the reference in memory."""
+        if self.keep is None or self.saved or self.rows is None:
+            return
+        self.saved = True
+        partial = self.keep.with_name(self.keep.name + ".partial")
+        try:
+            self.keep.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("wb") as file:
+                np.savez(file, rows=self.rows, identity=np.array(self.identity))
+            partial.replace(self.keep)
+        except OSError as exc:
+            log.warning("drift reference not kept in %s: %s", self.keep, exc)
+            return
+        log.info("drift reference kept in %s for the next start", self.keep)
+
     def describe(self) -> str:
-        """ "file <path>", or "first N served rows" (", collecting k/N" until complete)."""
+        """ "file <path>", or "first N served rows" (", collecting k/N" until complete; " (kept
+        in <path>)" once read back or written)."""
         if self.source != "served":
             return self.source
         collecting = "" if self.ready else f", collecting {self.collected}/{self.size}"
-        return f"first {self.size} served rows{collecting}"
+        kept = f" (kept in {self.keep})" if self.saved and self.keep is not None else ""
+        return f"first {self.size} served rows{collecting}{kept}"
 
 
 def psi(reference: npt.ArrayLike, current: npt.ArrayLike, categorical: bool = False) -> float:
@@ -485,6 +532,7 @@ class DriftJob:
         reference = self.reference.rows
         if reference is None:
             return None
+        self.reference.save()
         current = self.buffer.snapshot()
         if len(current) < self._config.min_rows:
             return None

@@ -203,7 +203,7 @@ class DriftFeatures:
         return out
 
     def _project(self, requests: Sequence[Arrays]) -> Float32Array:
-        columns = []
+        columns: list[Float32Array] = []
         for spec in self.projected:
             arrays = [inputs[spec.name] for inputs in requests]
             if len({a.shape[1:] for a in arrays}) != 1:  # e.g. tokens of several lengths

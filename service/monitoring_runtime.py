@@ -34,6 +34,7 @@ student versions the loosest objective of their cards is kept, so no version pag
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import threading
@@ -506,7 +507,15 @@ class MonitoringRuntime:
             return
         reference = self._file_reference(model, session.card, features, session.run)
         if reference is None:
-            reference = Reference.served(drift.reference_rows)
+            identity = json.dumps(
+                {
+                    "student": session.card.sha256,
+                    "columns": features.columns,
+                    "projection_seed": drift.projection_seed,
+                }
+            )
+            keep = self.settings.admin.state_dir / "drift" / f"{model.name}.reference.npz"
+            reference = Reference.served(drift.reference_rows, keep=keep, identity=identity)
         if drift.executor == "process" and self.drift_pool is None:
             self.drift_pool = LazyProcessPool()
         buffer = self.buffers[model.name] = InputBuffer(drift.window_rows, len(features.columns))

@@ -126,7 +126,7 @@ async def table(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_a_table_without_a_reference_file_drifts_against_its_first_requests(
-    table: httpx.AsyncClient,
+    table: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     digits = load_digits().data.astype(np.float32)
     rng = np.random.default_rng(0)
@@ -155,7 +155,9 @@ async def test_a_table_without_a_reference_file_drifts_against_its_first_request
     assert clean is not None and clean.rows == WINDOW_ROWS and clean.columns == 64
     assert clean.share < 0.25
     status = await drift_status(table, "digits")
-    assert status["status"] == "ok" and status["reference"] == "first 300 served rows"
+    kept = tmp_path / "state" / "drift" / "digits.reference.npz"
+    assert status["status"] == "ok"
+    assert status["reference"] == f"first 300 served rows (kept in {kept})"
     assert status["reference_rows"] == 300 and status["latest"]["share"] == clean.share
 
     await send(table, "digits", {"input": 16 - digits[order[700:1300]]})  # inverted digits
@@ -309,3 +311,34 @@ async def test_drift_off_says_why(tmp_path: Path) -> None:
         "reason": "drift.predictions is never and drift.projection is 0",
     }
     assert report.status_code == 404 and "drift.predictions is never" in report.json()["error"]
+
+
+async def test_a_served_reference_is_kept_for_the_next_start(tmp_path: Path) -> None:
+    """A restart must not make the traffic of the moment (drifted, maybe) the new reference; a
+    new student makes a new one."""
+    card = write_tiny_student(tmp_path / "table")
+    models = [{"name": "digits", "students": [{"version": "1", "card": str(card)}]}]
+    digits = load_digits().data.astype(np.float32)
+    kept = tmp_path / "state" / "drift" / "digits.reference.npz"
+    app = create_app(settings(tmp_path, models), registry=CollectorRegistry())
+    async with running(app) as client:
+        await send(client, "digits", {"input": digits[:400]})
+        assert await run_drift(client, "digits") is not None  # the first run keeps it
+        first = await drift_status(client, "digits")
+    assert first["reference"] == f"first 300 served rows (kept in {kept})"
+    with np.load(kept) as data:
+        np.testing.assert_array_equal(data["rows"], digits[:300])
+
+    app = create_app(settings(tmp_path, models), registry=CollectorRegistry())
+    async with running(app) as client:
+        again = await drift_status(client, "digits")
+        await send(client, "digits", {"input": 16 - digits[:100]})
+        result = await run_drift(client, "digits")
+    assert again["status"] == "waiting" and again["reference"] == first["reference"]
+    assert result is not None and result.rows == 100 and result.share > 0.9
+
+    write_tiny_student(tmp_path / "table", seed=1)  # another student, same paths
+    app = create_app(settings(tmp_path, models), registry=CollectorRegistry())
+    async with running(app) as client:
+        other = await drift_status(client, "digits")
+    assert other["reference"] == "first 300 served rows, collecting 0/300"
