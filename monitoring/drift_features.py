@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -43,13 +43,12 @@ OutputKind = Literal["logits", "probabilities", "regression"]
 Predictions = Literal["auto", "always", "never"]
 
 
-class InputSpec:
+class InputSpec(NamedTuple):
     """One model input as drift sees it: name, V2 datatype, shape (-1 = dynamic)."""
 
-    __slots__ = ("datatype", "name", "shape")
-
-    def __init__(self, name: str, datatype: str, shape: Sequence[int]) -> None:
-        self.name, self.datatype, self.shape = name, datatype, tuple(shape)
+    name: str
+    datatype: str
+    shape: Sequence[int]
 
 
 def is_table(inputs: Sequence[InputSpec]) -> bool:
