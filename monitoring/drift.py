@@ -128,8 +128,8 @@ class InputBuffer:
 
     `append` runs on the event loop for every settled batch of requests, so it is O(1) and takes
     no lock: it keeps a reference to the caller's array (which must not change afterwards; the
-    drift rows of a batch and decoded request inputs never do) in a
-    deque of at most `capacity` entries, and `snapshot` copies the newest `capacity` rows out.
+    drift rows of a batch and decoded request inputs never do) in a deque of at most `capacity`
+    entries, and `snapshot` copies the newest `capacity` rows out.
     A batch larger than `capacity` is trimmed (copied) on append, so memory stays below
     `capacity` entries of at most `capacity` rows each.
     """
