@@ -1,25 +1,37 @@
-"""Input drift: the last N inputs against the reference sample, with Evidently 0.7.
+"""Drift: the last N feature rows of a model against its reference sample, with Evidently 0.7.
 
-    buffer = InputBuffer(capacity=config.window_rows, width=64)
-    buffer.append(rows)                        # request path: O(1), no lock, no copy
-    job = DriftJob("digits", buffer, load_reference(path), config, metrics,
-                   on_result=monitor.observe_drift)
+    features = DriftFeatures.for_signature(...)          # what is compared (drift_features.py)
+    reference = Reference(rows, source=f"file {path}")   # or Reference.served(1000, keep=...)
+    buffer = InputBuffer(capacity=config.window_rows, width=len(features.columns))
+    rest = reference.take(block); buffer.append(rest)    # event loop, per settled batch
+    job = DriftJob("digits", buffer, reference, config, metrics, features=features,
+                   on_result=window.set_drift)
     task = asyncio.create_task(job.run(stop))  # every `every_seconds`, in a worker thread
     job.latest_html                            # bytes for GET /v1/reports/drift (None before)
+    job.status()                               # what GET /v1/slo shows
 
-One run builds an Evidently `Report([DriftedColumnsCount(method=..., threshold=...)])` over the
-columns, declared numerical (plus a `ValueDrift` per column with `report: columns`), and sets
-the share of drifted columns in `kdgate_input_drift_share{model}`. Evidently is imported inside
-`evidently_drift` (the import alone takes seconds and pulls in pandas and plotly), and the run is
-CPU-bound Python: `DriftJob` runs it in a worker thread, or in a child process when given a
-`ProcessPoolExecutor` (recommended in serving, so the run does not compete for the GIL with the
-event loop).
+The rows are a table's input columns, or for any other model its predicted class and confidence
+(and optionally random projections of its inputs). The reference is the model's sample file, or
+the first `reference_rows` rows served (`Reference.served`: until it is complete the job reports
+"collecting" and does not run; the rows that make it are never also in the compared window).
+
+One run builds an Evidently `Report([DriftedColumnsCount(num_method=..., cat_method=...)])` over
+the columns, numerical except the predicted class (categorical, `categorical_method`, PSI by
+default), plus a `ValueDrift` per prediction column (its score) and per column with
+`report: columns`, and sets the share of drifted columns in `kdgate_input_drift_share{model}`.
+Evidently is imported inside `evidently_drift` (the import alone takes seconds and pulls in
+pandas and plotly), and the run is CPU-bound Python: `DriftJob` runs it in a worker thread, or in
+a child process when given a `ProcessPoolExecutor` (recommended in serving, so the run does not
+compete for the GIL with the event loop).
 
 Method (`DriftConfig.method`, any Evidently stattest name): default "wasserstein" (distance
 normalised by the reference standard deviation, threshold 0.1): its score does not grow with the
 sample size, so clean traffic stays quiet at N = 5000 as at N = 500, unlike p-value tests ("ks")
 that flag negligible shifts on large samples. "psi" is noisier on small windows (digits pixels
 have up to 17 values, and PSI on 17 cells from 500 rows fluctuates around its 0.1 threshold).
+Wasserstein is not free of noise either: between two clean samples of one distribution its
+normalised distance exceeds 0.1 on ~46 % of columns at 200 vs 600 rows, ~9 % at 500 vs 1000,
+~4 % at 1000 vs 1000 (Gaussian simulation), hence `reference_rows` = `window_rows` = 1000.
 
 Constant columns (digits has pixels that are always 0): a column constant in both samples at the
 same value scores 0 with every method and never counts as drifted; a column constant in the
@@ -38,16 +50,17 @@ import logging
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdgate.monitoring.drift_features import DriftFeatures
 from kdgate.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -75,7 +88,22 @@ class DriftConfig(BaseModel):
     report: Literal["summary", "columns"] = Field(
         default="summary", description="columns: add per-column ValueDrift (about 4x slower)"
     )
-    reference_key: str = "inputs"
+    reference_key: str = Field(
+        default="inputs", description="the array of a single-input model, besides its own name"
+    )
+    reference_rows: int = Field(
+        default=1000, ge=10, description="no reference file: the first N served rows become it"
+    )
+    predictions: Literal["auto", "always", "never"] = Field(
+        default="auto", description="predicted class + confidence; auto: models that are not tables"
+    )
+    projection: int = Field(
+        default=0, ge=0, le=256, description="random directions of the inputs; 0 = off; not tables"
+    )
+    projection_seed: int = 0
+    categorical_method: str = Field(
+        default="psi", description="Evidently stattest for the predicted class"
+    )
     executor: Literal["process", "thread"] = Field(
         default="process", description="process: a child process, off the event loop's GIL"
     )
@@ -96,11 +124,12 @@ class DriftResult:
 
 
 class InputBuffer:
-    """The last `capacity` input rows (float32, `width` columns), for the drift job.
+    """The last `capacity` feature rows (float32, `width` columns), for the drift job.
 
-    `append` runs on the request path, so it is O(1) and takes no lock: it keeps a reference to
-    the caller's array (which must not change afterwards; decoded request inputs never do) in a
-    deque of at most `capacity` entries, and `snapshot` copies the newest `capacity` rows out.
+    `append` runs on the event loop for every settled batch of requests, so it is O(1) and takes
+    no lock: it keeps a reference to the caller's array (which must not change afterwards; the
+    drift rows of a batch and decoded request inputs never do) in a deque of at most `capacity`
+    entries, and `snapshot` copies the newest `capacity` rows out.
     A batch larger than `capacity` is trimmed (copied) on append, so memory stays below
     `capacity` entries of at most `capacity` rows each.
     """
@@ -144,17 +173,142 @@ def load_reference(path: Path | str, key: str = "inputs") -> npt.NDArray[np.floa
         return np.asarray(data[key], dtype=np.float32)
 
 
-def psi(reference: npt.ArrayLike, current: npt.ArrayLike) -> float:
+def load_reference_inputs(
+    path: Path | str, names: Sequence[str], key: str = "inputs"
+) -> dict[str, npt.NDArray[Any]]:
+    """A reference sample's inputs by name from an .npz file (no pickle): one array per input
+    name, or for a single input the array under `key` (how digits' file stores it).
+
+    Raises ValueError naming the arrays found when the file has not every input.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        found = list(data.files)
+        if all(name in found for name in names):
+            arrays = {name: data[name] for name in names}
+        elif len(names) == 1 and key in found:
+            arrays = {names[0]: data[key]}
+        else:
+            raise ValueError(
+                f"{path} holds {found}; a drift reference needs one array per input {list(names)}"
+                + (f" (or {key!r})" if len(names) == 1 else "")
+            )
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"{path}: the inputs' arrays have {sorted(counts)} rows; need one count")
+    return arrays
+
+
+class Reference:
+    """The rows drift compares against: a file's (complete from the start) or the first `size`
+    rows served (`served`), collected on the event loop by `take` and fixed once complete.
+
+    `rows` (any thread) is None until the sample is complete: a worker thread reads it while the
+    event loop collects, and the array is published with one assignment once built.
+
+    A served reference given `keep` (a file path) is written there once complete (`save`, from
+    the drift job's thread) and read back at the next start while `identity` (the student and
+    the columns it was made with) is the same: a restart in the middle of an incident must not
+    make the drifted traffic the new reference.
+    """
+
+    def __init__(
+        self,
+        rows: npt.ArrayLike | None = None,
+        *,
+        source: str,
+        size: int | None = None,
+        keep: Path | None = None,
+        identity: str = "",
+    ) -> None:
+        self.source = source
+        self.keep, self.identity = keep, identity
+        self.rows: npt.NDArray[np.float32] | None = None
+        self.saved = False
+        self._parts: list[npt.NDArray[np.float32]] = []
+        if rows is not None:
+            self.rows = np.asarray(rows, dtype=np.float32)
+            self.size = self.collected = len(self.rows)
+        else:
+            assert size is not None
+            self.size, self.collected = size, 0
+
+    @classmethod
+    def served(cls, size: int, *, keep: Path | None = None, identity: str = "") -> Reference:
+        """The first `size` rows served; the ones kept in `keep` if it holds them for the same
+        `identity` (a file that does not is ignored, and replaced once collected again)."""
+        reference = cls(source="served", size=size, keep=keep, identity=identity)
+        if keep is None or not keep.is_file():
+            return reference
+        try:
+            with np.load(keep, allow_pickle=False) as data:
+                rows, kept_identity = data["rows"], str(data["identity"])
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("drift reference %s not read (%s): collecting it again", keep, exc)
+            return reference
+        if kept_identity != identity or len(rows) < size or rows.ndim != 2:
+            log.info("drift reference %s was made for another student or columns", keep)
+            return reference
+        reference.rows = np.asarray(rows[:size], dtype=np.float32)
+        reference.collected, reference.saved = size, True
+        return reference
+
+    @property
+    def ready(self) -> bool:
+        return self.rows is not None
+
+    def take(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32] | None:
+        """Keep what the sample still needs of `rows` (event loop); return the rest (None: all
+        kept). A complete reference keeps nothing."""
+        if self.rows is not None:
+            return rows
+        need = self.size - self.collected
+        self._parts.append(rows[:need])
+        self.collected += min(len(rows), need)
+        if self.collected >= self.size:
+            self.rows = np.concatenate(self._parts)
+            self._parts = []
+        rest = rows[need:]
+        return rest if len(rest) else None
+
+    def save(self) -> None:
+        """Write a complete served reference to `keep` once (blocking; atomic replace). A failure
+        is logged: drift goes on with the reference in memory."""
+        if self.keep is None or self.saved or self.rows is None:
+            return
+        self.saved = True
+        partial = self.keep.with_name(self.keep.name + ".partial")
+        try:
+            self.keep.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("wb") as file:
+                np.savez(file, rows=self.rows, identity=np.array(self.identity))
+            partial.replace(self.keep)
+        except OSError as exc:
+            log.warning("drift reference not kept in %s: %s", self.keep, exc)
+            return
+        log.info("drift reference kept in %s for the next start", self.keep)
+
+    def describe(self) -> str:
+        """ "file <path>", or "first N served rows" (", collecting k/N" until complete; " (kept
+        in <path>)" once read back or written)."""
+        if self.source != "served":
+            return self.source
+        collecting = "" if self.ready else f", collecting {self.collected}/{self.size}"
+        kept = f" (kept in {self.keep})" if self.saved and self.keep is not None else ""
+        return f"first {self.size} served rows{collecting}{kept}"
+
+
+def psi(reference: npt.ArrayLike, current: npt.ArrayLike, categorical: bool = False) -> float:
     """Population stability index of one column, binned as Evidently 0.7 bins it.
 
-    More than 20 distinct reference values: Sturges bins over both samples; else one cell per
-    distinct value of either sample. Empty cells get 1e-4 (or a millionth of the smallest
-    non-empty share when that is <= 1e-4). PSI = sum((ref - cur) * ln(ref / cur)); NaNs ignored.
+    More than 20 distinct reference values in a numerical column: Sturges bins over both
+    samples; else (and always for a `categorical` one) one cell per distinct value of either.
+    Empty cells get 1e-4 (or a millionth of the smallest non-empty share when that is <= 1e-4).
+    PSI = sum((ref - cur) * ln(ref / cur)); NaNs ignored.
     """
     ref = np.asarray(reference, dtype=np.float64).ravel()
     cur = np.asarray(current, dtype=np.float64).ravel()
     ref, cur = ref[~np.isnan(ref)], cur[~np.isnan(cur)]
-    if len(np.unique(ref)) > PSI_MAX_CATEGORIES:
+    if not categorical and len(np.unique(ref)) > PSI_MAX_CATEGORIES:
         edges = np.histogram_bin_edges(np.concatenate([ref, cur]), bins="sturges")
         ref_share = np.histogram(ref, edges)[0] / len(ref)
         cur_share = np.histogram(cur, edges)[0] / len(cur)
@@ -172,12 +326,18 @@ def _fill_empty(share: FloatArray) -> FloatArray:
 
 
 def numpy_drift(
-    current: npt.ArrayLike, reference: npt.ArrayLike, threshold: float = PSI_THRESHOLD
+    current: npt.ArrayLike,
+    reference: npt.ArrayLike,
+    threshold: float = PSI_THRESHOLD,
+    *,
+    columns: Sequence[str] | None = None,
+    categorical: Collection[str] = (),
 ) -> DriftResult:
     """Share of columns whose PSI >= `threshold` (pure numpy; the fallback without Evidently)."""
     started = time.perf_counter()
     cur, ref = np.asarray(current), np.asarray(reference)
-    scores = {f"input_{i}": psi(ref[:, i], cur[:, i]) for i in range(ref.shape[1])}
+    names = column_names(ref.shape[1], columns)
+    scores = {name: psi(ref[:, i], cur[:, i], name in categorical) for i, name in enumerate(names)}
     drifted = sum(score >= threshold for score in scores.values())
     return DriftResult(
         share=drifted / len(scores),
@@ -190,6 +350,11 @@ def numpy_drift(
     )
 
 
+def column_names(count: int, columns: Sequence[str] | None) -> list[str]:
+    """`columns`, or input_0 .. input_{count-1} (a table's columns)."""
+    return [f"input_{i}" for i in range(count)] if columns is None else list(columns)
+
+
 def evidently_drift(
     current: npt.ArrayLike,
     reference: npt.ArrayLike,
@@ -197,16 +362,23 @@ def evidently_drift(
     threshold: float | None = None,
     html: bool = True,
     per_column: bool = False,
+    *,
+    columns: Sequence[str] | None = None,
+    categorical: Collection[str] = (),
+    categorical_method: str = "psi",
+    scored: Collection[str] = (),
 ) -> DriftResult:
-    """Evidently 0.7 drift over all columns (declared numerical); blocking, CPU-bound.
+    """Evidently 0.7 drift over all columns; blocking, CPU-bound.
 
-    The report holds `DriftedColumnsCount` (the share), plus one `ValueDrift` per column (scores
-    and a distribution plot each, about 4x the time) with `per_column`. A top-level function of
-    plain arguments, so it can run in a child process.
+    Columns are numerical (`method`, `threshold`) except those named in `categorical`
+    (`categorical_method` at its default threshold: a predicted class). The report holds
+    `DriftedColumnsCount` (the share), plus one `ValueDrift` (a score and a distribution plot)
+    per column with `per_column` (about 4x the time), else per column named in `scored`.
+    A top-level function of plain arguments, so it can run in a child process.
     """
     started = time.perf_counter()
     cur, ref = np.asarray(current), np.asarray(reference)
-    columns = [f"input_{i}" for i in range(ref.shape[1])]
+    names = column_names(ref.shape[1], columns)
     with warnings.catch_warnings():
         # Evidently's own warnings are not ours to act on: it touches the deprecated numpy.core
         # at import, and its correlation widgets divide by the zero variance of constant columns.
@@ -215,17 +387,32 @@ def evidently_drift(
         from evidently import DataDefinition, Dataset, Report
         from evidently.metrics import DriftedColumnsCount, ValueDrift
 
-        definition = DataDefinition(numerical_columns=columns)
+        definition = DataDefinition(
+            numerical_columns=[c for c in names if c not in categorical],
+            categorical_columns=[c for c in names if c in categorical],
+        )
 
         def dataset(rows: npt.NDArray[np.generic]) -> Dataset:
-            frame = pd.DataFrame(rows, columns=columns)
+            frame = pd.DataFrame(rows, columns=names)
             return Dataset.from_pandas(frame, data_definition=definition)
 
+        def stattest(column: str) -> str:
+            return categorical_method if column in categorical else method
+
         metrics: list[DriftedColumnsCount | ValueDrift] = [
-            DriftedColumnsCount(method=method, threshold=threshold)
+            DriftedColumnsCount(
+                num_method=method, num_threshold=threshold, cat_method=categorical_method
+            )
         ]
-        if per_column:
-            metrics += [ValueDrift(column=c, method=method, threshold=threshold) for c in columns]
+        metrics += [
+            ValueDrift(
+                column=c,
+                method=stattest(c),
+                threshold=None if c in categorical else threshold,
+            )
+            for c in names
+            if per_column or c in scored
+        ]
         report = Report(metrics)
         snapshot = report.run(dataset(cur), dataset(ref))
         page = snapshot.get_html_str(as_iframe=False).encode() if html else None
@@ -239,9 +426,9 @@ def evidently_drift(
     return DriftResult(
         share=share,
         drifted=drifted,
-        columns=len(columns),
+        columns=len(names),
         rows=len(cur),
-        method=method,
+        method=method if not categorical else f"{method}; {categorical_method} for categories",
         seconds=time.perf_counter() - started,
         scores=scores,
         html=page,
@@ -249,7 +436,13 @@ def evidently_drift(
 
 
 def compute_drift(
-    current: npt.ArrayLike, reference: npt.ArrayLike, config: DriftConfig
+    current: npt.ArrayLike,
+    reference: npt.ArrayLike,
+    config: DriftConfig,
+    *,
+    columns: Sequence[str] | None = None,
+    categorical: Collection[str] = (),
+    scored: Collection[str] = (),
 ) -> DriftResult:
     """Evidently when installed, else the numpy PSI fallback."""
     try:
@@ -257,7 +450,13 @@ def compute_drift(
             warnings.simplefilter("ignore")  # see evidently_drift
             import evidently  # noqa: F401
     except ImportError:
-        return numpy_drift(current, reference, config.threshold or PSI_THRESHOLD)
+        return numpy_drift(
+            current,
+            reference,
+            config.threshold or PSI_THRESHOLD,
+            columns=columns,
+            categorical=categorical,
+        )
     return evidently_drift(
         current,
         reference,
@@ -265,30 +464,41 @@ def compute_drift(
         config.threshold,
         html=config.html_report,
         per_column=config.report == "columns",
+        columns=columns,
+        categorical=categorical,
+        categorical_method=config.categorical_method,
+        scored=scored,
     )
 
 
 class DriftJob:
     """Periodic drift runs for one model; keeps the latest result and HTML report.
 
-    `on_result(model, share, rows)` receives every result (e.g. `Monitor.observe_drift`).
-    `executor`: where `compute_drift` runs; None = in the calling worker thread.
+    `reference`: the rows compared against (an array, or a `Reference` that may still be
+    collecting: runs wait until it is complete). `features`: the columns' names and kinds (None:
+    a table's input_0..). `on_result(model, share, rows)` receives every result (e.g.
+    `RecentWindow.set_drift`). `executor`: where `compute_drift` runs; None = in the calling
+    worker thread.
     """
 
     def __init__(
         self,
         model: str,
         buffer: InputBuffer,
-        reference: npt.ArrayLike,
+        reference: npt.ArrayLike | Reference,
         config: DriftConfig,
         metrics: Metrics,
         *,
+        features: DriftFeatures | None = None,
         on_result: Callable[[str, float, int], None] | None = None,
         executor: Executor | None = None,
     ) -> None:
         self.model = model
-        self._buffer = buffer
-        self._reference = np.asarray(reference, dtype=np.float32)
+        self.buffer = buffer
+        self.reference = (
+            reference if isinstance(reference, Reference) else Reference(reference, source="given")
+        )
+        self.features = features
         self._config = config
         self._metrics = metrics
         self._on_result = on_result
@@ -300,32 +510,73 @@ class DriftJob:
         """The HTML report of the latest run (None before the first run or without Evidently)."""
         return None if self.latest is None else self.latest.html
 
+    def status(self) -> dict[str, Any]:
+        """What `GET /v1/slo` shows of this job: status (collecting | waiting | ok), what is
+        compared, the reference, rows buffered, and the latest result's figures."""
+        reference, latest = self.reference, self.latest
+        return {
+            "model": self.model,
+            "status": "collecting"
+            if not reference.ready
+            else ("waiting" if latest is None else "ok"),
+            "features": "input columns" if self.features is None else self.features.describe(),
+            "reference": reference.describe(),
+            "reference_rows": reference.collected,
+            "buffered_rows": len(self.buffer),
+            "min_rows": self._config.min_rows,
+            "latest": None
+            if latest is None
+            else {
+                "share": latest.share,
+                "drifted": latest.drifted,
+                "columns": latest.columns,
+                "rows": latest.rows,
+                "method": latest.method,
+                "scores": latest.scores,
+            },
+        }
+
     def run_once(self) -> DriftResult | None:
         """One drift run on the buffered rows (blocking: call from a worker thread).
 
-        Returns None, and changes nothing, when fewer than `min_rows` rows are buffered.
+        Returns None, and changes nothing, while the reference is collecting or fewer than
+        `min_rows` rows are buffered.
         """
-        current = self._buffer.snapshot()
+        reference = self.reference.rows
+        if reference is None:
+            return None
+        self.reference.save()
+        current = self.buffer.snapshot()
         if len(current) < self._config.min_rows:
             return None
+        features = self.features
+        arguments: dict[str, Any] = {}
+        if features is not None:
+            arguments = {
+                "columns": features.columns,
+                "categorical": features.categorical,
+                "scored": features.predictions,
+            }
         if self._executor is None:
-            result = compute_drift(current, self._reference, self._config)
+            result = compute_drift(current, reference, self._config, **arguments)
         else:
             result = self._executor.submit(
-                compute_drift, current, self._reference, self._config
+                compute_drift, current, reference, self._config, **arguments
             ).result()
         self.latest = result
         self._metrics.input_drift_share.labels(model=self.model).set(result.share)
         if self._on_result is not None:
             self._on_result(self.model, result.share, result.rows)
+        scores = "".join(f", {name} {value:.3g}" for name, value in result.scores.items())
         log.info(
-            "drift %s: %d/%d columns drifted over %d rows (%s, %.2f s)",
+            "drift %s: %d/%d columns drifted over %d rows (%s, %.2f s)%s",
             self.model,
             result.drifted,
             result.columns,
             result.rows,
             result.method,
             result.seconds,
+            scores if len(result.scores) <= 4 else "",
         )
         return result
 

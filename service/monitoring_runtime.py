@@ -10,7 +10,7 @@ Per model, `start` builds:
     FidelityRecorder (counters + the recent window), FeedbackStore         (every model)
     teacher (local ONNX thread | remote OIP over httpx), CircuitBreaker,
     ShadowQueue, CaptureStore, ShadowWorker, ModelShadow     (models with a comparable teacher)
-    InputBuffer + DriftJob                         (drift on and the model has a reference sample)
+    DriftFeatures, Reference, InputBuffer, DriftJob and the drift tap      (while drift is on)
 and once: the SLO `Monitor` (reads the same `RecentWindow` as `GET /v1/fidelity`), the outbox
 (opened at start when `webhook.url` is set, else at the first Alertmanager hook call) and the
 notifier (while `webhook.url` is set).
@@ -20,12 +20,17 @@ is `service.pairing`'s answer; a pair that cannot be is served with comparison o
 (`kdgate_comparison_enabled{model} 0` and one warning). A regression model keeps only its
 latency and drift objectives.
 
-`consume` is the runtime's side of the request log, on the event loop: per model, the inputs of
-successful requests go to the drift buffer and the predictions to `ModelShadow.observe_many`.
+`consume` is the runtime's side of the request log, on the event loop: per model, successful
+requests go to the drift tap (their feature rows: into the reference while it collects, then into
+the drift buffer) and the predictions to `ModelShadow.observe_many`.
 
-Drift runs every `drift.every_seconds` in a child process (`drift.executor: process`, so Evidently
-never holds the event loop's GIL) or a thread. The child process starts at the first drift run,
-never while drift is off or no model has a reference sample.
+Drift (docs/slo.md#drift): what is compared follows the student's signature
+(`drift_features`: a table's columns; for any other model the predicted class and confidence,
+optionally a random projection of the inputs), against the reference file beside the first
+student's card when it exists and fits, else the first `drift.reference_rows` rows served. Runs
+every `drift.every_seconds` in a child process (`drift.executor: process`, so Evidently never
+holds the event loop's GIL) or a thread. The child process starts at the first drift run, never
+while drift is off, a reference is still collecting or fewer than `drift.min_rows` rows arrived.
 
 Objectives come from the config and each model's student cards (`objectives_for`); with several
 student versions the loosest objective of their cards is kept, so no version pages on clean data.
@@ -34,6 +39,7 @@ student versions the loosest objective of their cards is kept, so no version pag
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import threading
@@ -51,7 +57,14 @@ import numpy as np
 from kdgate.monitoring.breaker import CircuitBreaker
 from kdgate.monitoring.capture import CaptureStore
 from kdgate.monitoring.deadline import DeadlineTransport
-from kdgate.monitoring.drift import DriftJob, InputBuffer, load_reference
+from kdgate.monitoring.drift import (
+    DriftConfig,
+    DriftJob,
+    InputBuffer,
+    Reference,
+    load_reference_inputs,
+)
+from kdgate.monitoring.drift_features import DriftFeatures, InputSpec
 from kdgate.monitoring.feedback import FeedbackStore
 from kdgate.monitoring.metrics import Metrics
 from kdgate.monitoring.outbox import Outbox
@@ -63,7 +76,8 @@ from kdgate.monitoring.slo import Breach, Objective, objectives_for
 from kdgate.monitoring.slo_monitor import Monitor
 from kdgate.monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teacher
 from kdgate.monitoring.webhook import Notifier, retrain_payload
-from kdgate.service.cards import ModelCard, load_card, verify_model_file
+from kdgate.service.cards import ModelCard, load_card, scores_output, verify_model_file
+from kdgate.service.datatypes import NUMPY_DTYPES
 from kdgate.service.pairing import Pairing, pair_cards, pair_remote
 from kdgate.service.request_log import Served
 from kdgate.service.settings import ModelSettings, Settings, TeacherSettings
@@ -75,9 +89,13 @@ log = logging.getLogger(__name__)
 
 LINKS = {"slo": "/v1/slo", "drift_report": "/v1/reports/drift"}
 Arrays = Mapping[str, np.ndarray[Any, Any]]
-InputTap = Callable[[Sequence[Arrays]], None]
+InputTap = Callable[[Sequence[Served]], None]
+Run = Callable[[dict[str, np.ndarray[Any, Any]]], Arrays]  # a student session's `run`
 _MODEL = attrgetter("model")
 _INPUTS = attrgetter("inputs")
+_OUTPUTS = attrgetter("outputs")
+# Rows of the reference file the student scores at once (prediction features at start).
+REFERENCE_CHUNK_ROWS = 256
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -135,18 +153,75 @@ def reference_path(model: ModelSettings, reference_file: str) -> Path:
     return path if path.is_absolute() else model.students[0].card.parent / path
 
 
-def input_tap(buffer: InputBuffer, width: int) -> InputTap:
-    """Of each request (oldest first), the first input, if it is a [n, width] matrix, into
-    `buffer`."""
+def drift_features(card: ModelCard, config: DriftConfig) -> DriftFeatures:
+    """What drift compares for a student with this card (monitoring/drift_features.py): a
+    table's columns, else its predictions from the scores output (when it has one of rank 1 or
+    2) and, with `drift.projection`, projected inputs."""
+    scores = scores_output(card)
+    spec = next((t for t in card.outputs if t.name == scores), None)
+    score_columns = 0
+    if spec is None or len(spec.shape) not in (1, 2):
+        scores = None  # e.g. per-token scores [N, L, C]: no one prediction per row
+    elif len(spec.shape) == 1:
+        score_columns = 1
+    else:
+        score_columns = max(spec.shape[1], 0)
+    return DriftFeatures.for_signature(
+        [InputSpec(t.name, t.datatype, t.shape) for t in card.inputs],
+        scores=scores,
+        output_kind=card.output_kind,
+        score_columns=score_columns,
+        predictions=config.predictions,
+        projection=config.projection,
+        seed=config.projection_seed,
+    )
 
-    def tap(requests: Sequence[Arrays]) -> None:
-        for inputs in requests:
-            for rows in inputs.values():
-                if rows.ndim == 2 and rows.shape[1] == width:
-                    buffer.append(rows)
-                break
+
+def input_tap(
+    model: str, features: DriftFeatures, reference: Reference, buffer: InputBuffer
+) -> InputTap:
+    """Of each settled batch of one model's answered requests (oldest first), the drift feature
+    rows: into `reference` while it collects, the rest into `buffer` (so the two never share a
+    row). Requests that do not fit the signature are skipped."""
+
+    def tap(requests: Sequence[Served]) -> None:
+        try:
+            block = features.rows(list(map(_INPUTS, requests)), list(map(_OUTPUTS, requests)))
+        except Exception:  # a bug here must not cost the same batch its shadow and feedback
+            log.exception("drift rows of %s not made for %d requests", model, len(requests))
+            return
+        if block is None:
+            return
+        was_ready = reference.ready
+        rest = reference.take(block)
+        if not was_ready and reference.ready:
+            log.info("drift reference of %s complete: %s", model, reference.describe())
+        if rest is not None:
+            buffer.append(rest)
 
     return tap
+
+
+def reference_features(
+    card: ModelCard, arrays: Arrays, features: DriftFeatures, run: Run
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The feature rows of a reference sample's inputs (blocking): `run` (the student) scores
+    them in chunks when predictions are compared. Raises ValueError when they do not fit."""
+    rows = len(next(iter(arrays.values())))
+    blocks = []
+    for start in range(0, rows, REFERENCE_CHUNK_ROWS):
+        chunk = {
+            t.name: np.asarray(
+                arrays[t.name][start : start + REFERENCE_CHUNK_ROWS], NUMPY_DTYPES[t.datatype]
+            )
+            for t in card.inputs
+        }
+        outputs = run(chunk) if features.scores is not None else None
+        block = features.rows([chunk], [outputs])
+        if block is None:
+            raise ValueError(f"its arrays do not fit the student's inputs {card.inputs}")
+        blocks.append(block)
+    return np.concatenate(blocks)
 
 
 # How long `stop` waits for its background tasks (monitor, drift jobs, notifier) in all.
@@ -236,7 +311,9 @@ class MonitoringRuntime:
         self.outbox: Outbox | None = None
         self.notifier: Notifier | None = None
         self.drift_jobs: dict[str, DriftJob] = {}
-        self.buffers: dict[str, InputBuffer] = {}  # model -> recent inputs for the drift job
+        self.buffers: dict[str, InputBuffer] = {}  # model -> recent feature rows for drift
+        self.drift_off: dict[str, str] = {}  # model -> why it has no drift job
+        self._taps: dict[str, InputTap] = {}
         self.drift_pool: LazyProcessPool | None = None
         self._client = client
         self._own_client = client is None
@@ -266,7 +343,7 @@ class MonitoringRuntime:
             if monitoring is None:
                 continue
             if monitoring.tap is not None:
-                monitoring.tap(list(map(_INPUTS, answered)))
+                monitoring.tap(answered)
             observations: list[Observation] = [
                 (request_id, variant.version, inputs, outputs, trace)
                 for _, _, variant, _, _, request_id, inputs, outputs, trace, _ in answered
@@ -424,28 +501,99 @@ class MonitoringRuntime:
         self._versions = {m.name: _versions(m) for m in self.settings.models}
         if self.settings.webhook.url is not None:
             self.outbox = Outbox(self.settings.webhook.outbox_path)
-        drift = self.settings.drift
-        if not drift.enabled:
-            return objectives
-        for model in self.settings.models:
-            path = reference_path(model, drift.reference_file)
-            if not path.is_file():
-                log.warning("no drift reference for %s at %s: drift is off", model.name, path)
-                continue
-            if drift.executor == "process" and self.drift_pool is None:
-                self.drift_pool = LazyProcessPool()
-            reference = load_reference(path, drift.reference_key)
-            buffer = self.buffers[model.name] = InputBuffer(drift.window_rows, reference.shape[1])
-            self.drift_jobs[model.name] = DriftJob(
-                model.name,
-                buffer,
-                reference,
-                drift,
-                self.metrics,
-                on_result=self.window.set_drift,
-                executor=self.drift_pool,
-            )
+        if self.settings.drift.enabled:
+            for model in self.settings.models:
+                self._prepare_drift(model)
         return objectives
+
+    def _prepare_drift(self, model: ModelSettings) -> None:
+        """The drift job, buffer and tap of `model` (blocking: reads and scores the reference)."""
+        drift = self.settings.drift
+        session = self.state.routers[model.name].default.session
+        features = drift_features(session.card, drift)
+        if not features.columns:
+            reason = (
+                "its student has no scores output to take predictions from, and drift.projection "
+                "is 0"
+                if drift.predictions != "never"
+                else "drift.predictions is never and drift.projection is 0"
+            )
+            self.drift_off[model.name] = reason
+            log.warning("drift is off for %s: %s", model.name, reason)
+            return
+        reference = self._file_reference(model, session.card, features, session.run)
+        if reference is None:
+            identity = json.dumps(
+                {
+                    "student": session.card.sha256,
+                    "columns": features.columns,
+                    "projection_seed": drift.projection_seed,
+                }
+            )
+            keep = self.settings.admin.state_dir / "drift" / f"{model.name}.reference.npz"
+            reference = Reference.served(drift.reference_rows, keep=keep, identity=identity)
+        if drift.executor == "process" and self.drift_pool is None:
+            self.drift_pool = LazyProcessPool()
+        buffer = self.buffers[model.name] = InputBuffer(drift.window_rows, len(features.columns))
+        self.drift_jobs[model.name] = DriftJob(
+            model.name,
+            buffer,
+            reference,
+            drift,
+            self.metrics,
+            features=features,
+            on_result=self.window.set_drift,
+            executor=self.drift_pool,
+        )
+        self._taps[model.name] = input_tap(model.name, features, reference, buffer)
+        log.info(
+            "drift for %s compares %s against the reference: %s",
+            model.name,
+            features.describe(),
+            reference.describe(),
+        )
+
+    def _file_reference(
+        self,
+        model: ModelSettings,
+        card: ModelCard,
+        features: DriftFeatures,
+        run: Run,
+    ) -> Reference | None:
+        """The reference file's rows, or None (logged) when there is none or it does not fit."""
+        drift = self.settings.drift
+        path = reference_path(model, drift.reference_file)
+        if not path.is_file():
+            log.info("no drift reference file for %s at %s", model.name, path)
+            return None
+        try:
+            arrays = load_reference_inputs(path, [t.name for t in card.inputs], drift.reference_key)
+            rows = reference_features(card, arrays, features, run)
+        except Exception as exc:
+            # Any unusable file (not an npz, missing arrays, shapes, the student's error on its
+            # arrays) leaves the model with the served reference rather than without drift.
+            log.warning(
+                "drift reference %s of %s is not usable (%s): the first %d served rows are the "
+                "reference instead",
+                path,
+                model.name,
+                exc,
+                drift.reference_rows,
+            )
+            return None
+        return Reference(rows, source=f"file {path}")
+
+    def drift_status(self) -> list[dict[str, Any]]:
+        """Per model: its drift job's status (`DriftJob.status`), or status "off" and why."""
+        statuses = []
+        for model in self.settings.models:
+            job = self.drift_jobs.get(model.name)
+            if job is not None:
+                statuses.append(job.status())
+                continue
+            reason = self.drift_off.get(model.name, "drift.enabled is false")
+            statuses.append({"model": model.name, "status": "off", "reason": reason})
+        return statuses
 
     async def _start_model(self, model: ModelSettings) -> ModelMonitoring:
         settings = self.settings
@@ -478,9 +626,7 @@ class MonitoringRuntime:
             ttl_seconds=settings.feedback.ttl_seconds,
             class_labels=card.class_labels,
         )
-        tap = None
-        if (buffer := self.buffers.get(model.name)) is not None:
-            tap = input_tap(buffer, buffer.width)
+        tap = self._taps.get(model.name)
         if model.teacher is None or not pairing.comparable:
             shadow = ModelShadow(
                 feedback, None, shadow_fraction=lambda: 0.0, scores_name=pairing.student_scores

@@ -1,8 +1,9 @@
 """HTTP endpoints of the SLO monitor: status, the drift report, and the Alertmanager hook.
 
-    GET  /v1/slo                   per model and SLO: status, observed, samples, objective source
+    GET  /v1/slo                   per model and SLO: status, observed, samples, objective source;
+                                   per model, drift: what it compares, its reference, its status
     GET  /v1/reports/drift         the latest Evidently HTML report (?model=, default the first;
-                                   404 until the first drift run)
+                                   404 until the first drift run, saying what it waits for)
     POST /v1/hooks/alertmanager    Alertmanager v4 webhook -> retrain requests in the outbox
 
 The hook takes the admin bearer token (`admin.token`; the hook is off, 404, while it is null):
@@ -55,29 +56,38 @@ def build_slo_router(
 
     @api.get("/v1/slo")
     async def slo_status() -> JsonResponse:
-        """Per model and SLO: status, observed, objective, kind, source, samples, window."""
+        """Per model and SLO: status, observed, objective, kind, source, samples, window; per
+        model, drift: status (collecting | waiting | ok | off), features, reference, latest run."""
         if runtime.monitor is None:
             raise NotReady("the SLO monitor is starting")
         requests.settle()  # the latency of every answered request is in the window
-        return JsonResponse({"slos": runtime.monitor.status()})
+        return JsonResponse({"slos": runtime.monitor.status(), "drift": runtime.drift_status()})
 
     @api.get("/v1/reports/drift", response_class=Response)
     async def drift_report(model: str | None = None) -> Response:
-        """The latest Evidently drift report of `model` as HTML (503 before the first run)."""
+        """The latest Evidently drift report of `model` as HTML (404 until there is one)."""
         name = model or default_model
         if name not in {m.name for m in settings.models}:
             raise ModelNotFound(f"unknown model {name!r}")
         job = runtime.drift_jobs.get(name)
         if job is None:
-            raise HTTPException(404, f"drift is off for {name!r} (drift.enabled, or no reference)")
+            reason = runtime.drift_off.get(name, "drift.enabled is false")
+            raise HTTPException(404, f"drift is off for {name!r}: {reason}")
         html = job.latest_html
         if html is None:
             # 404, not 503: the server is fine, the report does not exist yet.
             drift = settings.drift
+            reference = job.reference.describe()
+            if job.latest is not None:
+                waiting = "drift.html_report is false (figures: GET /v1/slo)"
+            elif not job.reference.ready:
+                waiting = f"collecting the reference ({reference})"
+            else:
+                waiting = f"runs need {drift.min_rows} served rows (reference: {reference})"
             raise HTTPException(
                 404,
-                f"no drift report for {name!r} yet: runs need {drift.min_rows} inputs and "
-                f"happen every {drift.every_seconds:g} s",
+                f"no drift report for {name!r} yet: {waiting}; runs happen every "
+                f"{drift.every_seconds:g} s",
             )
         return Response(html, media_type="text/html; charset=utf-8")
 

@@ -18,6 +18,7 @@ from kdgate.monitoring.drift import (
     InputBuffer,
     evidently_drift,
     load_reference,
+    load_reference_inputs,
     numpy_drift,
     psi,
 )
@@ -187,3 +188,20 @@ def test_drift_job_sets_the_gauge_and_reports(tmp_path: Path, digits) -> None:
     assert share == result.share > 0.9
     assert seen == [("digits", result.share, 600)]
     assert job.latest_html is not None
+
+
+def test_reference_inputs_are_read_by_input_name(tmp_path: Path) -> None:
+    path = tmp_path / "reference.npz"
+    ids, mask = np.ones((5, 7), np.int64), np.zeros((5, 7), np.int64)
+    np.savez(path, input_ids=ids, attention_mask=mask, labels=np.zeros(5))
+    arrays = load_reference_inputs(path, ["input_ids", "attention_mask"])
+    assert set(arrays) == {"input_ids", "attention_mask"}  # labels are not an input
+    np.testing.assert_array_equal(arrays["attention_mask"], mask)
+    assert arrays["input_ids"].dtype == np.int64
+    with pytest.raises(ValueError, match=r"holds \['input_ids', 'attention_mask', 'labels'\]"):
+        load_reference_inputs(path, ["input_ids", "token_type_ids"])
+    np.savez(path, inputs=np.zeros((4, 3), np.float32))  # digits' layout: a single input
+    assert load_reference_inputs(path, ["input"])["input"].shape == (4, 3)
+    np.savez(path, a=np.zeros((4, 3)), b=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="rows"):
+        load_reference_inputs(path, ["a", "b"])

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kdgate.monitoring.card_figures import CardFigures
-from kdgate.monitoring.drift import InputBuffer
+from kdgate.monitoring.drift import InputBuffer, Reference
+from kdgate.monitoring.drift_features import DriftFeatures, InputSpec
 from kdgate.monitoring.slo import SloConfig, objectives_for
 from kdgate.service.monitoring_runtime import (
     LazyProcessPool,
@@ -23,6 +24,7 @@ from kdgate.service.monitoring_runtime import (
     model_objectives,
     reference_path,
 )
+from kdgate.service.request_log import Served
 from kdgate.service.settings import Settings, default_models_dir, load_settings
 
 
@@ -49,19 +51,39 @@ def test_reference_is_beside_the_first_students_card() -> None:
     assert reference_path(model, "/abs/ref.npz") == Path("/abs/ref.npz")
 
 
+def served(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> Served:
+    return Served("v2", "m", None, 200, 0.0, "id", inputs, outputs or {}, None, 0.0)
+
+
 def test_tap_buffers_matching_matrices_only() -> None:
     buffer = InputBuffer(8, 4)
-    tap = input_tap(buffer, 4)
+    features = DriftFeatures.for_signature([InputSpec("input", "FP32", [-1, 4])], scores=None)
+    tap = input_tap("m", features, Reference(np.zeros((5, 4)), source="given"), buffer)
     tap(
         [
-            {"input": np.ones((3, 4), np.float32)},
-            {"input": np.ones((3, 5), np.float32)},  # another width: not this model's inputs
-            {"input": np.ones(4, np.float32)},  # not a matrix
-            {"input": np.full((2, 4), 2, np.float32)},
+            served({"input": np.ones((3, 4), np.float32)}),
+            served({"input": np.ones((3, 5), np.float32)}),  # another width: not this model's
+            served({"input": np.ones(4, np.float32)}),  # not a matrix
+            served({"input": np.full((2, 4), 2, np.float64)}),  # any numeric dtype: cast
         ]
     )
     assert len(buffer) == 5
     np.testing.assert_array_equal(buffer.snapshot()[-2:], np.full((2, 4), 2, np.float32))
+
+
+def test_tap_fills_a_served_reference_first_then_the_buffer() -> None:
+    """The first N rows are the reference and never also the compared window."""
+    buffer = InputBuffer(100, 2)
+    features = DriftFeatures.for_signature([InputSpec("x", "INT32", [-1, 2])], scores=None)
+    reference = Reference.served(5)
+    tap = input_tap("m", features, reference, buffer)
+    tap([served({"x": np.array([[0, 0], [1, 1], [2, 2]], np.int32)})])
+    assert not reference.ready and reference.describe() == "first 5 served rows, collecting 3/5"
+    assert len(buffer) == 0
+    tap([served({"x": np.array([[3, 3], [4, 4], [5, 5]], np.int32)})])
+    assert reference.ready and reference.describe() == "first 5 served rows"
+    assert reference.rows is not None and reference.rows[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert buffer.snapshot()[:, 0].tolist() == [5]
 
 
 def test_webhook_secret_from_the_environment_is_never_shown(
@@ -87,6 +109,7 @@ CHILDREN_AFTER_START = """
 import asyncio, os, sys
 from prometheus_client import CollectorRegistry
 from kdgate.service.app import create_app
+from kdgate.service.request_log import Served
 from kdgate.service.settings import Settings
 from tests.support.asgi import running
 
