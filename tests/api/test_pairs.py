@@ -263,7 +263,9 @@ async def test_the_capture_holds_every_input_and_the_retrain_request_says_where(
         pair,
         sections={
             "shadow": {"capture": {"dir": str(tmp_path / "capture"), "segment_rows": 16}},
-            "slo": {"min_samples": 10, "consecutive_breaches": 1, "evaluate_every_seconds": 0.05},
+            # More samples than the traffic below: the pair's own disagreement never breaches
+            # (the request would then name a capture still being written); the injected one does.
+            "slo": {"min_samples": 500, "consecutive_breaches": 1, "evaluate_every_seconds": 0.05},
             "webhook": {
                 "url": "http://127.0.0.1:9/retrain",
                 "secret": secret,
@@ -284,7 +286,7 @@ async def test_the_capture_holds_every_input_and_the_retrain_request_says_where(
         await wait_for(registry, "compared", len(ids))
         runtime = app.state.monitoring
         await runtime.models["text"].capture.drain()
-        teacher = np.random.default_rng(0).normal(0, 3, (50, 4))
+        teacher = np.random.default_rng(0).normal(0, 3, (1000, 4))
         runtime.window.add_comparison("text", "1", compare(-teacher, teacher))  # a breach
         outbox = Outbox(tmp_path / "outbox.sqlite3")
         deadline = time.monotonic() + 10
