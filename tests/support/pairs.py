@@ -343,3 +343,19 @@ BUILDERS = {
     "text": build_text,
     "images": build_images,
 }
+
+
+class PairCache:
+    """Pairs built once per test session, on first use, under one temporary directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[tuple[str, bool], Pair] = {}
+
+    def get(self, family: str, *, logits: bool = False) -> Pair:
+        """The pair of `family` (`logits=True`: the tabular pair with raw-score outputs)."""
+        key = (family, logits)
+        if key not in self._built:
+            out = self.root / (family + ("-logits" if logits else ""))
+            self._built[key] = build_tabular(out, logits=True) if logits else BUILDERS[family](out)
+        return self._built[key]
