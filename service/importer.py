@@ -477,7 +477,9 @@ def _rows_are_probabilities(values: Array) -> bool:
 
 
 def _same_shape(a: list[int], b: list[int]) -> bool:
-    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a[1:], b[1:]))
+    if len(a) != len(b):
+        return False
+    return all(x == y or -1 in (x, y) for x, y in zip(a[1:], b[1:], strict=True))
 
 
 def _cast(array: Array, spec: TensorSpec, path: Path) -> Array:

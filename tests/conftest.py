@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
-
 from typing import TYPE_CHECKING
 
 import pytest

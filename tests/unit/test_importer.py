@@ -208,7 +208,9 @@ def test_an_input_map_matches_inputs_named_differently(pairs: PairCache, tmp_pat
         sample = tmp_path / "sample.npz"
         np.savez(sample, ids=data["input_ids"], attention_mask=data["attention_mask"])
     request = ImportRequest(teacher=pair.teacher, student=student, name="t", out=tmp_path / "o")
-    with pytest.raises(IncomparablePair, match=r"no student input for the teacher's \['input_ids'\]"):
+    with pytest.raises(
+        IncomparablePair, match=r"no student input for the teacher's \['input_ids'\]"
+    ):
         import_pair(request)
     mapped = ImportRequest(
         teacher=pair.teacher,
@@ -227,7 +229,9 @@ def test_an_input_map_matches_inputs_named_differently(pairs: PairCache, tmp_pat
     assert result.student_card.metrics.kl_mean_nats == pytest.approx(want.kl_mean_nats)
 
 
-def linear_model(path: Path, features: int, outputs: int, *, dtype: int = TensorProto.FLOAT) -> Path:
+def linear_model(
+    path: Path, features: int, outputs: int, *, dtype: int = TensorProto.FLOAT
+) -> Path:
     """x [N, features] -> x @ W [N, outputs], input `float_input`, output `probabilities`."""
     rng = np.random.default_rng(1)
     weight = rng.normal(size=(features, outputs)).astype(np.float32)
