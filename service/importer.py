@@ -242,15 +242,19 @@ def match_inputs(
 
 
 def load_sample(path: Path, inputs: list[TensorSpec]) -> Sample:
-    """A sample for the student's `inputs`: .npz (one array per input name, optional `labels`),
-    or .parquet/.csv for a model with one [N, D] input (columns are features; an optional
-    `label`/`labels` column). Arrays are cast to the inputs' datatypes where numpy can do so
-    without changing kind (int -> float is fine, float -> int is refused)."""
+    """A sample for the student's `inputs`: .npz (one array per input name, optional `labels`;
+    a single input may be under `inputs`, as in a drift reference), or .parquet/.csv for a
+    model with one [N, D] input (columns are features; an optional `label`/`labels` column).
+    Arrays are cast to the inputs' datatypes where numpy can do so without changing kind
+    (int -> float is fine, float -> int is refused)."""
     suffix = path.suffix.lower()
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: np.asarray(data[k]) for k in data.files}
         labels = arrays.pop("labels", None)
+        if len(inputs) == 1 and inputs[0].name not in arrays and REFERENCE_TABLE_KEY in arrays:
+            # A drift reference (the table under `inputs`) is a sample too.
+            arrays[inputs[0].name] = arrays[REFERENCE_TABLE_KEY]
     elif suffix in (".parquet", ".csv"):
         if len(inputs) != 1 or len(inputs[0].shape) != 2:
             raise IncomparablePair(

@@ -186,7 +186,11 @@ def test_an_imported_pair_is_served_shadowed_and_watched(
     np.testing.assert_allclose(served, student, rtol=1e-5, atol=1e-5)
 
     text = wait_for(server, "kdgate_shadow_total", rows, model=family, outcome="compared")
-    assert value(text, "kdgate_shadow_total", model=family, outcome="teacher_error") == 0
+    outcomes = {
+        outcome: value(text, "kdgate_shadow_total", model=family, outcome=outcome)
+        for outcome in ("compared", "dropped", "teacher_error")
+    }
+    assert outcomes == {"compared": rows, "dropped": 0, "teacher_error": 0}, server.output()
     got = from_metrics(text, model=family)
     p = as_probabilities(student, card.output_kind)
     q = as_probabilities(teacher, card.output_kind)

@@ -3,6 +3,7 @@ independent onnxruntime + scipy computation, and clear refusals of pairs that ca
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -346,3 +347,32 @@ def test_a_sample_missing_an_input_is_refused(pairs: PairCache, tmp_path: Path) 
     np.savez(tmp_path / "ids.npz", input_ids=np.load(pair.sample)["input_ids"])
     with pytest.raises(IncomparablePair, match=r"no array for input\(s\) \['attention_mask'\]"):
         imported(pair, tmp_path / "o", sample=tmp_path / "ids.npz")
+
+
+def readme_pair_commands() -> list[list[str]]:
+    """The commands of the README's "Bring your own pair" block, one argv each."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Bring your own pair", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line]
+
+
+def test_the_readme_commands_import_and_serve_the_shipped_pair(tmp_path: Path) -> None:
+    (tmp_path / "models").symlink_to(REPO / "models")  # the README's paths, from its cwd
+    imported_, serve = readme_pair_commands()
+    assert imported_[:2] == ["kdgate", "import"] and serve[:2] == ["kdgate", "serve"]
+    cli = [sys.executable, "-m", "kdgate.service.cli"]
+    env = {**without_kdgate_env(), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [*cli, *imported_[1:]], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    # `serve` on that config: `config check` loads it, cards and all, without binding a port.
+    config = serve[serve.index("--config") + 1]
+    check = subprocess.run(
+        [*cli, "config", "check", config], capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    card = load_card(tmp_path / "my-pair" / "student.card.json")
+    assert card.metrics.agreement is not None and card.metrics.agreement > 0.95
