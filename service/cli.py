@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument(
         "--input-map",
         type=_name_pair,
-        nargs="*",
+        nargs="+",
+        action="extend",
         default=[],
         metavar="STUDENT=TEACHER",
         help="teacher input names that differ from the student's",

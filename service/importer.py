@@ -51,6 +51,7 @@ LABEL_COLUMNS = ("labels", "label")
 # logits ones) serves both kinds and a probability is never softmaxed again.
 EPS = 1e-12
 SUM_TOLERANCE = 1e-3  # rows of float32 probabilities sum to 1 within this
+RUN_ROWS = 256  # sample rows per onnxruntime run
 # Ops that pass values through unchanged, followed back from the scores to find a Softmax.
 PASS_THROUGH = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 # scikit-learn's converted classifiers apply the softmax inside one ai.onnx.ml op.
@@ -271,7 +272,7 @@ def load_sample(path: Path, inputs: list[TensorSpec]) -> Sample:
     if len(rows) != 1 or 0 in rows:
         raise IncomparablePair(f"sample {path.name}: arrays differ in rows or are empty ({rows})")
     cast = {t.name: _cast(arrays[t.name], t, path) for t in inputs}
-    return Sample(cast, None if labels is None else np.asarray(labels).astype(np.int64))
+    return Sample(cast, None if labels is None else _class_indices(np.asarray(labels), path))
 
 
 def detect_kind(
@@ -381,11 +382,17 @@ def _scores_name(model: _Model, requested: str | None) -> str:
 
 
 def _run(model: _Model, scores: str, feeds: dict[str, Array]) -> Array:
+    rows = len(next(iter(feeds.values())))
+    parts = []
     try:
-        (out,) = model.session.run([scores], feeds)
+        # In slices: a large sample through a large teacher would otherwise need all of its
+        # activations at once.
+        for start in range(0, rows, RUN_ROWS):
+            chunk = {k: v[start : start + RUN_ROWS] for k, v in feeds.items()}
+            parts.append(np.asarray(model.session.run([scores], chunk)[0]))
     except Exception as exc:  # onnxruntime's errors name the input and what it expected
         raise IncomparablePair(f"{model.role_name} failed on the sample: {exc}") from exc
-    return np.asarray(out)
+    return np.concatenate(parts)
 
 
 def _class_count(
@@ -495,6 +502,14 @@ def _cast(array: Array, spec: TensorSpec, path: Path) -> Array:
             f"sample {path.name}: {spec.name!r} is {array.dtype} but the input is {spec.datatype}"
         )
     return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _class_indices(labels: Array, path: Path) -> Array:
+    # Labels are class indices 0..C-1, as the feedback API takes them; a float column read
+    # from a CSV holds whole numbers.
+    if labels.dtype.kind in "iu" or (labels.dtype.kind == "f" and np.all(labels == labels // 1)):
+        return labels.astype(np.int64)
+    raise IncomparablePair(f"sample {path.name}: labels must be class indices 0..C-1")
 
 
 def _table(path: Path, input_name: str) -> tuple[dict[str, Array], Array | None]:

@@ -212,9 +212,7 @@ def test_an_imported_pair_is_served_shadowed_and_watched(
         version="1",
     )  # fmt: skip
     assert label_ece(text, family, "1") == pytest.approx(brute_force_ece(p, labels), rel=1e-3)
-    assert label_ece(text, family, "teacher") == pytest.approx(
-        brute_force_ece(q, labels), rel=1e-3
-    )
+    assert label_ece(text, family, "teacher") == pytest.approx(brute_force_ece(q, labels), rel=1e-3)
 
     shifted, _ = load_sample(pair.shifted)
     send(server, card, {k: v[:SHIFTED_ROWS] for k, v in shifted.items()}, "shifted")

@@ -213,21 +213,16 @@ def test_an_input_map_matches_inputs_named_differently(pairs: PairCache, tmp_pat
         IncomparablePair, match=r"no student input for the teacher's \['input_ids'\]"
     ):
         import_pair(request)
-    mapped = ImportRequest(
-        teacher=pair.teacher,
-        student=student,
-        name="t",
-        out=tmp_path / "o",
-        sample=sample,
-        input_map={"ids": "input_ids"},
-    )
-    result = import_pair(mapped)
-    assert yaml.safe_load(result.config_yaml)["models"][0]["teacher"]["input_map"] == {
-        "ids": "input_ids"
-    }
+    done = kdgate_import(
+        "--teacher", pair.teacher, "--student", student, "--name", "t", "--sample", sample,
+        "--input-map", "ids=input_ids", "--out", tmp_path / "o",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["models"][0]["teacher"]["input_map"] == {"ids": "input_ids"}
     # The teacher ran on the sample through the mapping: the same figures as unrenamed.
     want = imported(pair, tmp_path / "plain", sample=pair.sample).student_card.metrics
-    assert result.student_card.metrics.kl_mean_nats == pytest.approx(want.kl_mean_nats)
+    got = load_card(tmp_path / "o" / "student.card.json").metrics
+    assert got.kl_mean_nats == pytest.approx(want.kl_mean_nats)
 
 
 def linear_model(
@@ -376,3 +371,59 @@ def test_the_readme_commands_import_and_serve_the_shipped_pair(tmp_path: Path) -
     assert check.returncode == 0, check.stderr
     card = load_card(tmp_path / "my-pair" / "student.card.json")
     assert card.metrics.agreement is not None and card.metrics.agreement > 0.95
+
+
+def softmax_by_hand(path: Path, seed: int) -> Path:
+    """x [N, 4] -> exp(x W) / sum(exp(x W)) [N, 3], without a Softmax node."""
+    weight = np.random.default_rng(seed).normal(size=(4, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["z"]),
+        helper.make_node("Exp", ["z"], ["e"]),
+        helper.make_node("ReduceSum", ["e", "axes"], ["s"], keepdims=1),
+        helper.make_node("Div", ["e", "s"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "by_hand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 3])],
+        [
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_probabilities_are_recognised_on_the_sample(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+    np.savez(tmp_path / "sample.npz", x=x, labels=np.zeros(300, np.int64))
+    teacher = softmax_by_hand(tmp_path / "t.onnx", 1)
+    student = softmax_by_hand(tmp_path / "s.onnx", 2)
+    request = ImportRequest(teacher=teacher, student=student, name="p", out=tmp_path / "no")
+    assert import_pair(request).student_card.output_kind == "logits"  # nothing tells, unmeasured
+    with_sample = ImportRequest(
+        teacher=teacher,
+        student=student,
+        name="p",
+        out=tmp_path / "o",
+        sample=tmp_path / "sample.npz",
+    )
+    card = import_pair(with_sample).student_card
+    assert card.output_kind == "probabilities"
+    p = run_onnx(student, "scores", tmp_path / "sample.npz")
+    q = run_onnx(teacher, "scores", tmp_path / "sample.npz")
+    # Never softmaxed again: KL of the probabilities themselves.
+    assert card.metrics.kl_mean_nats == pytest.approx(np.mean(entropy(q, p, axis=1)), rel=1e-4)
+    assert card.metrics.ece_teacher == pytest.approx(brute_force_ece(p, q.argmax(1)), rel=1e-4)
+
+
+def test_labels_that_are_not_class_indices_are_refused(pairs: PairCache, tmp_path: Path) -> None:
+    pair = pairs.get("tabular")
+    with np.load(pair.sample) as data:
+        np.savez(tmp_path / "s.npz", float_input=data["float_input"], labels=data["labels"] + 0.5)
+    with pytest.raises(IncomparablePair, match="labels must be class indices"):
+        imported(pair, tmp_path / "o", sample=tmp_path / "s.npz")
