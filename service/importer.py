@@ -346,8 +346,6 @@ def write_reference(path: Path, sample: Sample) -> None:
         (only,) = arrays.values()
         if only.ndim == 2 and only.dtype.kind in "biuf":
             arrays.setdefault(REFERENCE_TABLE_KEY, only.astype(np.float32))
-    if sample.labels is not None:
-        arrays["labels"] = sample.labels
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
