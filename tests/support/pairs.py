@@ -254,7 +254,7 @@ def build_images(out: Path, *, seed: int = 0) -> Pair:
 
     def images(n: int, shift: bool = False) -> tuple[np.ndarray, np.ndarray]:
         labels = rng.integers(0, IMAGE_CLASSES, n)
-        x = rng.normal(0.0, 0.8 if shift else 0.5, (n, *IMAGE_SHAPE)).astype(np.float32)
+        x = rng.normal(0.0, 0.7 if shift else 0.5, (n, *IMAGE_SHAPE)).astype(np.float32)
         at = rng.integers(3, 13, n)
         for i, (label, k) in enumerate(zip(labels, at, strict=True)):
             if label == 0:
@@ -263,7 +263,7 @@ def build_images(out: Path, *, seed: int = 0) -> Pair:
                 x[i, 1, :, k] += 1.0
             else:
                 x[i, 2][np.eye(16, k=int(k) - 8, dtype=bool)] += 1.0
-        return (x + (1.0 if shift else 0.0)).astype(np.float32), labels
+        return (x + (0.3 if shift else 0.0)).astype(np.float32), labels
 
     def cnn(width: int, hidden: int) -> torch.nn.Module:
         return torch.nn.Sequential(
