@@ -31,12 +31,14 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import yaml
+from pydantic import ValidationError
 
 from kdgate.monitoring import fidelity
 from kdgate.monitoring.card_figures import CardFigures
 from kdgate.service.cards import ModelCard, TensorSpec, scores_output, sha256_file, write_card
 from kdgate.service.datatypes import FROM_ORT_TYPES, NUMPY_DTYPES
 from kdgate.service.endpoints import package_version
+from kdgate.service.settings import ModelSettings, StudentSettings
 
 OutputKind = Literal["logits", "probabilities", "regression"]
 Array = npt.NDArray[Any]
@@ -115,6 +117,7 @@ class _Model:
 
 def import_pair(request: ImportRequest) -> Imported:
     """Check, measure and write a served pair into `request.out` (see the module docstring)."""
+    _check_name(request.name)
     teacher, student = _read_model(request.teacher), _read_model(request.student)
     to_teacher = match_inputs(student.inputs, teacher.inputs, request.input_map)
     student_scores = _scores_name(student, request.scores_output)
@@ -349,6 +352,17 @@ def write_reference(path: Path, sample: Sample) -> None:
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
+
+
+def _check_name(name: str) -> None:
+    # The config's own rule, before anything is written: a name it refuses would only fail
+    # at `kdgate serve`.
+    student = StudentSettings(version=VERSION, card=Path("student.card.json"))
+    try:
+        ModelSettings(name=name, students=[student])
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"]
+        raise IncomparablePair(f"--name {name!r} cannot name a served model: {reason}") from exc
 
 
 def _read_model(path: Path) -> _Model:

@@ -427,3 +427,13 @@ def test_labels_that_are_not_class_indices_are_refused(pairs: PairCache, tmp_pat
         np.savez(tmp_path / "s.npz", float_input=data["float_input"], labels=data["labels"] + 0.5)
     with pytest.raises(IncomparablePair, match="labels must be class indices"):
         imported(pair, tmp_path / "o", sample=tmp_path / "s.npz")
+
+
+def test_a_name_the_config_would_refuse_is_refused_first(pairs: PairCache, tmp_path: Path) -> None:
+    digits = pairs.get("digits")
+    request = ImportRequest(
+        teacher=digits.teacher, student=digits.student, name="my model", out=tmp_path / "o"
+    )
+    with pytest.raises(IncomparablePair, match="--name 'my model' cannot name a served model"):
+        import_pair(request)
+    assert not (tmp_path / "o").exists()
