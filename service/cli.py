@@ -2,12 +2,15 @@
 
     kdgate serve [--config FILE]     serve the configured models
     kdgate config check FILE         print the effective config (secrets masked), or its errors
+    kdgate import --teacher T.onnx --student S.onnx --name NAME --out DIR
+                                     cards, figures, drift reference and config for a pair
     kdgate rules | loadgen           Prometheus rules from `slo:`; send test traffic
     kdgate distill                   train a student (the `train` extra; distill/, loaded lazily)
 
 Operator mistakes end in one line on stderr and exit code 2 (argparse's usage-error code): a bad
 config names its file, key path and reason (service/configcheck.py), a missing optional part
-the extra to install. Tracebacks are for bugs.
+the extra to install. A pair `kdgate import` cannot compare ends in one line saying why, exit 1
+(the command line was fine; the models are not). Tracebacks are for bugs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from kdgate.service.listeners import ListenError
 
 GIL_SWITCH_INTERVAL_SECONDS = 0.0002  # CPython's default is 0.005
 USAGE_ERROR = 2  # argparse's exit code for a bad command line; a bad config is one too
+REFUSED = 1  # `kdgate import`: the pair cannot be served as one
 
 DESCRIPTION = (
     "Serve knowledge-distilled ONNX students over KServe V2/V1, shadow the teacher, export "
@@ -75,6 +79,40 @@ def config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_pair(args: argparse.Namespace) -> int:
+    """Write cards, figures, the drift reference and a config for a pair; print the config."""
+    from kdgate.service.importer import ImportRequest, IncomparablePair
+    from kdgate.service.importer import import_pair as run_import
+
+    request = ImportRequest(
+        teacher=args.teacher,
+        student=args.student,
+        name=args.name,
+        out=args.out,
+        sample=args.sample,
+        input_map=dict(args.input_map),
+        scores_output=args.scores_output,
+        output_kind=args.output_kind,
+        class_labels=args.class_labels.split(",") if args.class_labels else None,
+    )
+    try:
+        imported = run_import(request)
+    except IncomparablePair as exc:
+        return _fail(f"kdgate import: {exc}", code=REFUSED)
+    figures = imported.student_card.metrics.model_dump(exclude={"extra"})
+    print(f"# kdgate serve --config {imported.config_path}", file=sys.stderr)
+    print(f"# student {imported.student_card.output_kind}, figures {figures}", file=sys.stderr)
+    sys.stdout.write(imported.config_yaml)
+    return 0
+
+
+def _name_pair(text: str) -> tuple[str, str]:
+    student, sep, teacher = text.partition("=")
+    if not sep or not student or not teacher:
+        raise argparse.ArgumentTypeError(f"expected STUDENT=TEACHER, got {text!r}")
+    return student, teacher
+
+
 def rules(argv: list[str]) -> int:
     """`kdgate rules [--config FILE] [--out DIR | --stdout]`: Prometheus rules from `slo:`."""
     from kdgate.monitoring.rules import main_rules
@@ -108,6 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, help="YAML config file")
     check.set_defaults(handler=config_check)
+
+    pair = commands.add_parser(
+        "import",
+        help="cards, figures, drift reference and config for a teacher/student pair of ONNX files",
+    )
+    pair.add_argument("--teacher", type=Path, required=True, help="teacher ONNX file")
+    pair.add_argument("--student", type=Path, required=True, help="student ONNX file")
+    pair.add_argument("--name", required=True, help="model name served (/v2/models/NAME)")
+    pair.add_argument("--out", type=Path, required=True, help="directory written")
+    pair.add_argument(
+        "--sample", type=Path, help=".npz (an array per input, optional labels), .parquet, .csv"
+    )
+    pair.add_argument(
+        "--input-map",
+        type=_name_pair,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="STUDENT=TEACHER",
+        help="teacher input names that differ from the student's",
+    )
+    pair.add_argument("--scores-output", help="output holding the scores (default: the rule)")
+    pair.add_argument(
+        "--output-kind",
+        choices=["logits", "probabilities", "regression"],
+        help="what the scores are (default: detected)",
+    )
+    pair.add_argument("--class-labels", help="comma-separated (default: 0..C-1)")
+    pair.set_defaults(handler=import_pair)
 
     commands.add_parser(
         "distill", help="train a student from the teacher (distill/)", add_help=False

@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.support.pairs import PairCache
+
 REQUIRED_MARKERS = ("integration", "system")
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> PairCache:
+    """The four pair families of tests/support/pairs.py, each built once per session."""
+    from tests.support.pairs import PairCache  # onnx and torch: only for the tests that use it
+
+    return PairCache(tmp_path_factory.mktemp("pairs"))
 
 
 def system_tests_required() -> bool:
