@@ -489,6 +489,11 @@ def _from_softmax(graph: onnx.GraphProto, output: str) -> bool:
     if node.op_type in ML_CLASSIFIERS:
         transform = next((a.s for a in node.attribute if a.name == "post_transform"), b"")
         return transform == b"SOFTMAX"
+    if node.op_type == "Normalizer" and node.domain == "ai.onnx.ml":
+        # skl2onnx's one-vs-rest classifiers (LogisticRegression): per-class sigmoids, then an
+        # L1 normaliser makes each row a distribution.
+        norm = next((a.s for a in node.attribute if a.name == "norm"), b"")
+        return norm == b"L1"
     return False
 
 

@@ -6,10 +6,10 @@ moved (for drift). Builds take a few seconds; tests cache them per session.
 
 - digits: the shipped `models/digits` pair (input [N, 64] FP32, logits).
 - tabular: a scikit-learn MLP teacher and logistic-regression student on a `make_classification`
-  table, converted as skl2onnx converts classifiers with `zipmap: False`: a `label` [N] INT64 and
-  a `probabilities` [N, C] FP32 output (the student through the ai.onnx.ml LinearClassifier
-  with a SOFTMAX post-transform, the teacher through a Softmax node). skl2onnx itself is not a
-  dependency of the project, so the conversion is written out here with `onnx.helper`.
+  table, converted with skl2onnx (`zipmap: False`), as users export theirs: a `label` [N] INT64
+  and a `probabilities` [N, C] FP32 output. The same fitted models in the other output kind
+  (raw scores named `logits`, no softmax) are written out with `onnx.helper`, since skl2onnx
+  offers raw scores for linear models only.
 - text: torch embedding classifiers over INT64 `input_ids` + `attention_mask` [N, L].
 - images: torch CNNs over [N, 3, 16, 16] FP32.
 """
@@ -95,8 +95,12 @@ def build_tabular(out: Path, *, logits: bool = False, seed: int = 0) -> Pair:
         teacher = MLPClassifier((32, 32), max_iter=60, random_state=seed).fit(x[train], y[train])
         student = LogisticRegression(max_iter=100).fit(x[train], y[train])
     scores = "logits" if logits else "probabilities"
-    _save_model(out / "teacher.onnx", _mlp_graph(teacher, logits))
-    _save_model(out / "student.onnx", _linear_graph(student, logits))
+    if logits:
+        _save_model(out / "teacher.onnx", _mlp_graph(teacher, logits))
+        _save_model(out / "student.onnx", _linear_graph(student, logits))
+    else:
+        _save_model(out / "teacher.onnx", _skl2onnx(teacher, x.shape[1]))
+        _save_model(out / "student.onnx", _skl2onnx(student, x.shape[1]))
     rng = np.random.default_rng(seed)
     shifted = x[test] * 1.5 + rng.normal(2.0, 0.5, size=x[test].shape).astype(np.float32)
     return Pair(
@@ -109,6 +113,20 @@ def build_tabular(out: Path, *, logits: bool = False, seed: int = 0) -> Pair:
         scores=scores,
         classes=4,
     )
+
+
+def _skl2onnx(clf: object, n_features: int) -> onnx.ModelProto:
+    """`clf` as skl2onnx converts it: `label` + `probabilities` (a tensor, not a ZipMap)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    model: onnx.ModelProto = convert_sklearn(
+        clf,
+        initial_types=[(TABLE_INPUT, FloatTensorType([None, n_features]))],
+        options={id(clf): {"zipmap": False}},
+        target_opset={"": OPSET, "ai.onnx.ml": 3},
+    )
+    return model
 
 
 def _table_io(n_features: int, classes: int, scores: str) -> tuple[list, list]:  # type: ignore[type-arg]
