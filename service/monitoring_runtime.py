@@ -59,6 +59,7 @@ from kdgate.monitoring.slo_monitor import Monitor
 from kdgate.monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teacher
 from kdgate.monitoring.webhook import Notifier, retrain_payload
 from kdgate.service.cards import ModelCard, load_card, verify_model_file
+from kdgate.service.leader import ALWAYS_LEADER, HostLeader
 from kdgate.service.request_log import Served
 from kdgate.service.settings import ModelSettings, Settings, TeacherSettings
 from kdgate.service.shadow_tap import ModelShadow, Observation
@@ -202,7 +203,9 @@ class MonitoringRuntime:
 
     `window` is the app's one recent window (also fed by the request metrics); `tracer` traces
     the shadow comparisons and remote teacher calls; `client` (tests inject one) is the
-    notifier's HTTP client, a fresh one otherwise.
+    notifier's HTTP client, a fresh one otherwise. `leader` says whether this process runs the
+    once-per-host duties (drift jobs, notifier, retrain requests; service/leader.py): with
+    several workers only the one holding the host's lock does, the others wait to take over.
     """
 
     any_thread = False  # consume() touches event-loop objects (queues, feedback stores)
@@ -216,8 +219,10 @@ class MonitoringRuntime:
         window: RecentWindow,
         tracer: Tracer = NO_TRACER,
         client: httpx.AsyncClient | None = None,
+        leader: HostLeader = ALWAYS_LEADER,
     ) -> None:
         self.settings = settings
+        self.leader = leader
         self.state = state
         self.metrics = metrics
         self.window = window
@@ -285,13 +290,11 @@ class MonitoringRuntime:
             on_breach=self._on_breach if self._monitor_requests_retrains else None,
         )
         self._tasks.append(asyncio.create_task(self.monitor.run(self._stop)))
-        for job in self.drift_jobs.values():
-            self._tasks.append(asyncio.create_task(job.run(self._stop)))
-        if self.outbox is not None and self.settings.webhook.url is not None:
-            if self._client is None:
-                self._client = httpx.AsyncClient()
-            self.notifier = Notifier(self.outbox, self._client, self.settings.webhook, self.metrics)
-            self._notifier_task = asyncio.create_task(self.notifier.run())
+        if self.leader.try_acquire():
+            self._lead()
+        else:
+            log.info("drift jobs and webhook sender start if this worker becomes the leader")
+            self._tasks.append(asyncio.create_task(self._await_leadership()))
         log.info(
             "SLO monitor on for %s (retrain requests from %s); drift for %s; webhook %s",
             sorted(objectives),
@@ -299,8 +302,23 @@ class MonitoringRuntime:
             if self.settings.slo.evaluator == "local"
             else "Alertmanager only (slo.evaluator: fleet)",
             sorted(self.drift_jobs),
-            "on" if self.notifier else "off (webhook.url is null)",
+            "on" if self.notifier else "off (webhook.url is null or another worker leads)",
         )
+
+    def _lead(self) -> None:
+        """Start the once-per-host duties: the drift jobs and the notifier."""
+        for job in self.drift_jobs.values():
+            self._tasks.append(asyncio.create_task(job.run(self._stop)))
+        if self.outbox is not None and self.settings.webhook.url is not None:
+            if self._client is None:
+                self._client = httpx.AsyncClient()
+            self.notifier = Notifier(self.outbox, self._client, self.settings.webhook, self.metrics)
+            self._notifier_task = asyncio.create_task(self.notifier.run())
+
+    async def _await_leadership(self) -> None:
+        # Only the leader's death frees the lock, so a worker that takes it keeps it.
+        if await self.leader.wait(self._stop) and not self._stop.is_set():
+            self._lead()
 
     async def stop(self) -> None:
         """Stop taking samples, drain the workers, stop the tasks; close what was opened."""
@@ -333,6 +351,7 @@ class MonitoringRuntime:
             self._teacher_client = None
         if self._client is not None and self._own_client:
             await self._client.aclose()
+        self.leader.release()
 
     def model(self, name: str) -> ModelMonitoring | None:
         """The running monitoring of `name`, or None before start / for an unknown model."""
@@ -366,6 +385,11 @@ class MonitoringRuntime:
         """Monitor callback (worker thread): the breach into the outbox (one request per
         incident: it may join the model's open one), then wake the notifier."""
         assert self.outbox is not None
+        if not self.leader.held:
+            # Every worker's monitor evaluates and exports its own share of the traffic; one
+            # per host asks for retrains, so an incident seen by two workers asks once.
+            log.info("SLO %s of %s breached on this worker; the leader asks", breach["slo"], model)
+            return
         versions = self._versions[model]
         payload = retrain_payload(
             model,

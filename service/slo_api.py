@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -32,6 +33,7 @@ from kdgate.service.inference import BodyDeadline, ClientDisconnected, read_body
 from kdgate.service.monitoring_runtime import MonitoringRuntime
 from kdgate.service.request_log import RequestLog
 from kdgate.service.settings import Settings
+from kdgate.service.siblings import Siblings
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,13 @@ RETRY_AFTER_SECONDS = 10
 
 
 def build_slo_router(
-    settings: Settings, runtime: MonitoringRuntime, requests: RequestLog
+    settings: Settings,
+    runtime: MonitoringRuntime,
+    requests: RequestLog,
+    siblings: Siblings | None = None,
 ) -> APIRouter:
-    """The three routes, bound to one app's settings and monitoring runtime."""
+    """The three routes, bound to one app's settings and monitoring runtime (`siblings`: the
+    host's other workers, with `--workers`: the status then names the worker that answers)."""
     api = APIRouter(tags=["monitoring"])
     default_model = settings.models[0].name
     served = frozenset(m.name for m in settings.models)
@@ -53,7 +59,10 @@ def build_slo_router(
         if runtime.monitor is None:
             raise NotReady("the SLO monitor is starting")
         requests.settle()  # the latency of every answered request is in the window
-        return JsonResponse({"slos": runtime.monitor.status()})
+        answer: dict[str, Any] = {"slos": runtime.monitor.status()}
+        if siblings is not None:
+            answer["worker"] = siblings.identity()
+        return JsonResponse(answer)
 
     @api.get("/v1/reports/drift", response_class=Response)
     async def drift_report(model: str | None = None) -> Response:
