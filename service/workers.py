@@ -159,11 +159,16 @@ class Supervisor:
         self._backoff = BACKOFF_SECONDS[0]
         self._signal: int | None = None
         self._announced = False
+        self._own: set[int] | None = None  # children that are not orphans (None: not tracked)
 
     def run(self) -> int:
+        subreaper = _become_subreaper()
         with self._signals():
             for index in range(self.spec.count):
                 self._start(index)
+            # What else is a child now (multiprocessing's resource tracker) is not an orphan.
+            if subreaper:
+                self._own = _children() | {p.pid for p in self._live if p.pid is not None}
             while self._signal is None:
                 if not self._watch():
                     self._stop_all()
@@ -199,6 +204,7 @@ class Supervisor:
                 continue
             started = ready.is_set()
             self._workers[index] = None
+            self._end_orphans()
             self._failures = 0 if started else self._failures + 1
             if started:
                 self._backoff = BACKOFF_SECONDS[0]
@@ -231,6 +237,19 @@ class Supervisor:
             log.info("%d workers; private sockets in %s", self.spec.count, self.spec.run_dir)
         return True
 
+    def _end_orphans(self) -> None:
+        """Kill and reap what dead workers left behind (their children, now ours)."""
+        if self._own is None:
+            return
+        live = {p.pid for p in self._live if p.pid is not None}
+        for pid in _children() - self._own - live:
+            log.warning("ending pid %d, left behind by a dead worker", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
     def _stop_all(self) -> bool:
         """SIGTERM every worker; SIGKILL those left at the deadline. True if none was."""
         for process in self._live:
@@ -246,6 +265,7 @@ class Supervisor:
             )
             process.kill()
             process.join(5)
+        self._end_orphans()
         return not left
 
     @contextmanager
@@ -260,6 +280,32 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _become_subreaper() -> bool:
+    """Make orphaned descendants this process's children (Linux prctl); False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
+
+
+def _children() -> set[int]:
+    """The pids whose parent is this process (from /proc; empty where there is none)."""
+    me = os.getpid()
+    found = set()
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me:
+            found.add(int(entry.parent.name))
+    return found
 
 
 # -- the worker process -------------------------------------------------------------------------
