@@ -3,6 +3,7 @@
     <run dir, 0700>/worker-<i>.sock       one per worker, served by `private_app`
         GET  /families                     this worker's metric families (service/exposition.py)
         POST /feedback/{model}             join labels to predictions this worker served
+        GET  /drift-report/{model}         the drift report, from the worker that runs drift
 
 With `kdgate serve --workers N`, any worker may answer a scrape or a label:
 - `exposition` merges the families of every worker that answers within `deadline_seconds`
@@ -11,6 +12,7 @@ With `kdgate serve --workers N`, any worker may answer a scrape or a label:
   `kdgate_workers_scrape_errors_total{worker}` and logged; the scrape still answers.
 - `feedback` passes the labels whose ids this worker does not hold to the siblings in turn,
   within the same kind of total deadline: a label is unknown only if no worker served its id.
+- `drift_report` fetches the leader's latest drift report for a worker that runs no drift job.
 
 The sockets live in a directory only the server's user can enter (the supervisor makes it), so
 nothing else on the host reaches these routes; they are never served on a TCP port.
@@ -19,6 +21,7 @@ nothing else on the host reaches these routes; they are never served on a TCP po
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -41,6 +44,7 @@ DEADLINE_SECONDS = 2.0  # a whole scrape or feedback hand-off, however many sibl
 MAX_PRIVATE_BODY = 64 * 1024 * 1024  # a sibling's answer or a feedback hand-off (bounded)
 
 FeedbackJoin = Callable[[str, list[dict[str, Any]]], Awaitable[dict[str, Any] | None]]
+DriftHtml = Callable[[str], bytes | None]
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,12 @@ class Siblings:
             combined["unknown"] = [item.get("id") for item in pending]
         return combined
 
+    async def drift_report(self, model: str) -> bytes | None:
+        """The latest drift report of `model` held by a sibling (the leader), or None."""
+        answers = await self._gather(lambda client: client.get(f"/drift-report/{model}"))
+        found = next((a["html"] for a in answers.values() if a.get("html") is not None), None)
+        return None if found is None else base64.b64decode(found)
+
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
@@ -209,10 +219,14 @@ def _gauge(name: str, help_text: str, value: float) -> Family:
 
 
 def private_app(
-    place: Place, leader: HostLeader, registry: CollectorRegistry, join: FeedbackJoin
+    place: Place,
+    leader: HostLeader,
+    registry: CollectorRegistry,
+    join: FeedbackJoin,
+    drift_html: DriftHtml,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The ASGI app of a worker's private socket (`join`: the feedback join of this worker's
-    app, None for a model it does not run)."""
+    app, None for a model it does not run; `drift_html`: its latest drift report of a model)."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -228,6 +242,10 @@ def private_app(
                 "leader": leader.held,
                 "families": families_of(registry),
             }
+        elif method == "GET" and path.startswith("/drift-report/"):
+            html = drift_html(path.removeprefix("/drift-report/"))
+            status = 200
+            answer = {"html": None if html is None else base64.b64encode(html).decode()}
         elif method == "POST" and path.startswith("/feedback/"):
             try:
                 items = orjson.loads(await _body(receive))

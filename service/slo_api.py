@@ -74,6 +74,8 @@ def build_slo_router(
         if job is None:
             raise HTTPException(404, f"drift is off for {name!r} (drift.enabled, or no reference)")
         html = job.latest_html
+        if html is None and siblings is not None and not siblings.leader.held:
+            html = await siblings.drift_report(name)  # the leader runs the drift job
         if html is None:
             # 404, not 503: the server is fine, the report does not exist yet.
             drift = settings.drift

@@ -362,8 +362,12 @@ def run_worker(spec: WorkerSpec, sockets: list[socket.socket], ready: Event) -> 
         answer: dict[str, Any] = await join_feedback(monitoring, app.state.request_log, items)
         return answer
 
+    def drift_html(model: str) -> bytes | None:
+        job = app.state.monitoring.drift_jobs.get(model)
+        return None if job is None else job.latest_html
+
     private_config = uvicorn.Config(
-        private_app(place, leader, registry, join),
+        private_app(place, leader, registry, join, drift_html),
         lifespan="off",
         access_log=False,
         log_config=None,  # the main config set logging up
