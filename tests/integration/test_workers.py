@@ -269,6 +269,10 @@ def test_one_webhook_sender_and_one_drift_job_per_host(
     assert not any(
         f["name"] == "kdgate_input_drift_share" and f["samples"] for f in other["families"]
     )
+    for _ in range(4):  # whichever worker answers, the leader's report
+        report = httpx.get(f"{server.url}/v1/reports/drift", timeout=10)
+        assert report.status_code == 200, report.text
+        assert report.headers["content-type"].startswith("text/html")
 
 
 def test_killed_leader_hands_over_is_restarted_and_sigterm_exits_0(tmp_path: Path) -> None:
