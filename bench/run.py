@@ -53,9 +53,8 @@ def measure(scenario: Scenario, settings: Settings) -> ScenarioResult:
             port = servers.free_port()
             command = _server_command(scenario, settings, port, stack)
             log = settings.workdir / f"{scenario.name}.log"
-            proc = stack.enter_context(
-                servers.running(command, port=port, core=settings.server_core, log=log)
-            )
+            core = settings.server_core if scenario.workers == 1 else None
+            proc = stack.enter_context(servers.running(command, port=port, core=core, log=log))
             url = f"http://127.0.0.1:{port}{INFER_PATH}"
             servers.check_answer(url, settings.body, settings.expected)
             _phases(result, url, proc.pid, settings)
@@ -71,7 +70,8 @@ def _server_command(
     """The command for the scenario's server, after starting its sidecar if it has one."""
     student_onnx = settings.student.onnx
     if scenario.server in ("ceiling", "naive"):
-        return servers.bench_server_command(scenario.server, student_onnx, "digits")
+        command = servers.bench_server_command(scenario.server, student_onnx, "digits")
+        return command + (["--workers", str(scenario.workers)] if scenario.workers > 1 else [])
     placeholders = {
         "student_card": str(settings.student.card),
         "teacher_card": str(settings.teacher.card),
