@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,19 @@ async def read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
+_MODEL_ENV, _NAME_ENV, _DELAY_ENV = (
+    "BENCH_CEILING_MODEL",
+    "BENCH_CEILING_NAME",
+    "BENCH_CEILING_DELAY_MS",
+)
+
+
+def app_from_env() -> App:
+    """The app of one of several uvicorn workers (`--workers`), from the variables `main` set."""
+    delay_s = float(os.environ[_DELAY_ENV]) / 1000
+    return build_app(Path(os.environ[_MODEL_ENV]), os.environ[_NAME_ENV], delay_s=delay_s)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Serve the ceiling app with uvicorn: httptools, uvloop, no access log."""
     import uvicorn
@@ -110,10 +124,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="added to every infer")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args(argv)
-    app = build_app(args.model, args.name, delay_s=args.delay_ms / 1000)
+    if args.workers > 1:
+        # uvicorn's workers import the app themselves: they build it from these variables.
+        os.environ.update(
+            {_MODEL_ENV: str(args.model), _NAME_ENV: args.name, _DELAY_ENV: str(args.delay_ms)}
+        )
+        app: Any = "bench.ceiling:app_from_env"
+    else:
+        app = build_app(args.model, args.name, delay_s=args.delay_ms / 1000)
     uvicorn.run(
         app,
+        factory=args.workers > 1,
+        workers=args.workers,
         host=args.host,
         port=args.port,
         http="httptools",

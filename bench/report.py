@@ -50,6 +50,37 @@ class Comparison:
         }
 
 
+@dataclass(frozen=True)
+class Scaling:
+    """How much more a server does with more workers, relative to the ceiling doing the same:
+    (scaled / single) / (ceiling_scaled / ceiling_single) of `metric`, with a lower bound."""
+
+    label: str
+    scaled: str
+    single: str
+    ceiling_scaled: str
+    ceiling_single: str
+    metric: str
+    at_least: float
+
+    def evaluate(self, results: dict[str, ScenarioResult]) -> dict[str, Any] | None:
+        """The ratio of the two speed-ups and its verdict, or None when a scenario is missing."""
+        names = (self.scaled, self.single, self.ceiling_scaled, self.ceiling_single)
+        if any(name not in results for name in names):
+            return None
+        a, b, c, d = (results[name].metric(self.metric) for name in names)
+        ratio = a / b / (c / d) if a is not None and b and c and d else None
+        return {
+            "label": self.label,
+            "metric": self.metric,
+            "numerator": f"{self.scaled}/{self.single}",
+            "denominator": f"{self.ceiling_scaled}/{self.ceiling_single}",
+            "ratio": None if ratio is None else round(ratio, 3),
+            "target": f">= {self.at_least:g}",
+            "passed": verdict(ratio, self.at_least, None),
+        }
+
+
 def verdict(ratio: float | None, at_least: float | None, at_most: float | None) -> bool | None:
     """True/False against the bounds; None when there is no bound. A missing ratio fails."""
     if at_least is None and at_most is None:
@@ -60,8 +91,18 @@ def verdict(ratio: float | None, at_least: float | None, at_most: float | None) 
 
 
 # Issue 3's targets, then figures reported without a target.
-COMPARISONS: tuple[Comparison, ...] = (
+COMPARISONS: tuple[Comparison | Scaling, ...] = (
     Comparison("kdgate / ceiling throughput (c16)", "kdgate", "ceiling", "c16.rps", at_least=0.75),
+    # Issue 15: a second worker must scale kdgate about as well as it scales the ceiling.
+    Scaling(
+        "kdgate 2-worker/1-worker / the ceiling's (c16)",
+        "kdgate-2-workers",
+        "kdgate",
+        "ceiling-2-workers",
+        "ceiling",
+        "c16.rps",
+        at_least=0.9,
+    ),
     Comparison("kdgate / naive throughput (c16)", "kdgate", "naive", "c16.rps", at_least=2.0),
     Comparison("kdgate / ceiling p50 (c1)", "kdgate", "ceiling", "c1.p50_ms", at_most=1.3),
     Comparison("kdgate / ceiling CPU per request", "kdgate", "ceiling", "c16.cpu_us_per_request"),
@@ -99,7 +140,7 @@ COMPARISONS: tuple[Comparison, ...] = (
 
 
 def evaluate_all(
-    comparisons: Iterable[Comparison], results: dict[str, ScenarioResult]
+    comparisons: Iterable[Comparison | Scaling], results: dict[str, ScenarioResult]
 ) -> list[dict[str, Any]]:
     """Every comparison whose two scenarios were run."""
     rows = (comparison.evaluate(results) for comparison in comparisons)

@@ -48,9 +48,8 @@ def measure(scenario: Scenario, settings: Settings) -> ScenarioResult:
             port = servers.free_port()
             command = _server_command(scenario, work, settings, port, stack)
             log = settings.workdir / f"{scenario.name}.log"
-            proc = stack.enter_context(
-                servers.running(command, port=port, core=settings.server_core, log=log)
-            )
+            core = settings.server_core if scenario.workers == 1 else None
+            proc = stack.enter_context(servers.running(command, port=port, core=core, log=log))
             url = f"http://127.0.0.1:{port}{work.infer_path}"
             servers.check_answer(url, work.body, work.expected)
             _phases(result, url, work.body, proc.pid, settings)
@@ -69,7 +68,8 @@ def _server_command(
 ) -> list[str]:
     """The command for the scenario's server, after starting its sidecar if it has one."""
     if scenario.server in ("ceiling", "naive"):
-        return servers.bench_server_command(scenario.server, work.student.onnx, work.model)
+        command = servers.bench_server_command(scenario.server, work.student.onnx, work.model)
+        return command + (["--workers", str(scenario.workers)] if scenario.workers > 1 else [])
     placeholders = {
         "student_card": str(work.student.card),
         "teacher_card": str(work.teacher.card),

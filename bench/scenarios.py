@@ -47,12 +47,20 @@ class Scenario:
     model: Mapping[str, Any] = field(default_factory=dict)  # merged into its `models[0]` entry
     sidecar: Sidecar | None = None
     workload: WorkloadName = "digits"  # the model pair and request (bench/workloads.py)
+    # Server processes. Above 1 the server is not pinned to `--server-core`: its workers need
+    # the cores the scheduler gives them, the same for kdgate and the ceiling in one run.
+    workers: int = 1
 
 
 DEFAULT: tuple[Scenario, ...] = (
     Scenario("ceiling", "ceiling", "bare ASGI + orjson + onnxruntime (uvicorn, httptools, uvloop)"),
     Scenario("naive", "naive", "FastAPI + pydantic V2 models, async handler"),
     Scenario("kdgate", "kdgate", "kdgate serve, default config, shadow off"),
+    # Scaling on one host: kdgate's 2-worker/1-worker throughput against the ceiling's.
+    Scenario(
+        "ceiling-2-workers", "ceiling", "the ceiling in 2 uvicorn worker processes", workers=2
+    ),
+    Scenario("kdgate-2-workers", "kdgate", "kdgate serve --workers 2, shadow off", workers=2),
 )
 
 _SHADOW_TRAFFIC = {"weights": {"1": 100}}
@@ -166,5 +174,8 @@ def kdgate_config(
         "traffic": {"shadow_fraction": 0.0},
     }
     model = deep_merge(baseline, fill(scenario.model, placeholders))
-    base = {"server": {"host": "127.0.0.1", "port": port}, "models": [model]}
+    server: dict[str, Any] = {"host": "127.0.0.1", "port": port}
+    if scenario.workers > 1:
+        server["workers"] = scenario.workers
+    base = {"server": server, "models": [model]}
     return deep_merge(base, fill(scenario.config, placeholders))

@@ -47,6 +47,7 @@ from kdgate.service.inference import (
     TracedInference,
     new_request_id,
 )
+from kdgate.service.leader import ALWAYS_LEADER
 from kdgate.service.listeners import PortSplit
 from kdgate.service.logs import SCOPE_REQUEST_ID, bind_request, unbind_request
 from kdgate.service.monitoring_runtime import MonitoringRuntime
@@ -55,6 +56,7 @@ from kdgate.service.protocol_v2 import valid_request_id
 from kdgate.service.request_log import RequestLog
 from kdgate.service.request_metrics import RequestMetrics
 from kdgate.service.settings import Settings
+from kdgate.service.siblings import Siblings
 from kdgate.service.slo_api import build_slo_router
 from kdgate.service.state import ServingState, StudentLoader, VariantFactory, load_student
 from kdgate.service.tracer import tracer_from
@@ -176,13 +178,17 @@ def create_app(
     student_loader: StudentLoader = load_student,
     fast_path: bool = True,
     tracer_provider: TracerProvider | None = None,
+    siblings: Siblings | None = None,
 ) -> KdgateApp:
     """Build the kdgate ASGI app; models load (sha256 verified) and warm up in its lifespan.
 
     `registry` receives every metric (a fresh one when None); `student_loader` turns a student's
     settings into a session (tests inject slow or failing ones); `fast_path=False` serves the
     infer endpoints through the FastAPI routes instead (same handler; for tests and benchmarks);
-    `tracer_provider` turns tracing on with that provider (else only `OTEL_*` variables do).
+    `tracer_provider` turns tracing on with that provider (else only `OTEL_*` variables do);
+    `siblings`: the host's other workers under `kdgate serve --workers N` (service/workers.py):
+    `/metrics` merges theirs, feedback reaches theirs, only the host's leader runs drift and
+    the webhook sender.
 
     Built here, each given its collaborators: the request log with its consumers (request
     metrics, the monitoring runtime), the one recent window they and the SLO monitor share, the
@@ -203,7 +209,14 @@ def create_app(
         window_seconds=slo.window_seconds, bucket_seconds=slo.window_seconds / slo.window_buckets
     )
     request_metrics = RequestMetrics(state.versions, window=window)
-    runtime = MonitoringRuntime(settings, state, metrics, window=window, tracer=tracer)
+    runtime = MonitoringRuntime(
+        settings,
+        state,
+        metrics,
+        window=window,
+        tracer=tracer,
+        leader=ALWAYS_LEADER if siblings is None else siblings.leader,
+    )
     log = RequestLog(consumers=[request_metrics, runtime])
     # A collect of the request families first settles the requests answered so far.
     registry.register(request_metrics.export(before=log.settle))
@@ -251,9 +264,9 @@ def create_app(
     app.add_exception_handler(KdgateError, _kdgate_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.include_router(build_router(state, app.inference))
-    app.include_router(build_fidelity_router(state, runtime, log))
-    app.include_router(build_slo_router(settings, runtime, log))
+    app.include_router(build_router(state, app.inference, siblings=siblings))
+    app.include_router(build_fidelity_router(state, runtime, log, siblings))
+    app.include_router(build_slo_router(settings, runtime, log, siblings))
     app.state.monitoring = runtime
     app.state.request_log = log
     app.include_router(build_admin_router(settings, traffic))

@@ -1,6 +1,6 @@
 """The `kdgate` command: one function per subcommand.
 
-    kdgate serve [--config FILE]     serve the configured models
+    kdgate serve [--config FILE] [--workers N]   serve the configured models
     kdgate config check FILE         print the effective config (secrets masked), or its errors
     kdgate import --teacher T.onnx --student S.onnx --name NAME --out DIR
                                      cards, figures, drift reference and config for a pair
@@ -25,7 +25,6 @@ from typing import Any
 from kdgate.service.configcheck import ConfigError, effective_yaml, load_checked, missing_extra
 from kdgate.service.listeners import ListenError
 
-GIL_SWITCH_INTERVAL_SECONDS = 0.0002  # CPython's default is 0.005
 USAGE_ERROR = 2  # argparse's exit code for a bad command line; a bad config is one too
 REFUSED = 1  # `kdgate import`: the pair cannot be served as one
 
@@ -36,36 +35,26 @@ DESCRIPTION = (
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run uvicorn on the configured app until SIGINT/SIGTERM (in-flight requests finish)."""
+    """Run uvicorn on the configured app until SIGINT/SIGTERM (in-flight requests finish);
+    with several workers (`--workers`, `server.workers`), a supervisor and its workers."""
     import uvicorn
 
     from kdgate.service.app import create_app
     from kdgate.service.listeners import serve_two_ports
-    from kdgate.service.logs import AccessLog, log_config
+    from kdgate.service.workers import serve_workers, tune_interpreter, uvicorn_config
 
     settings = load_checked(args.config)
+    if args.workers is not None:
+        server = settings.server.model_copy(update={"workers": args.workers})
+        settings = settings.model_copy(update={"server": server})
     server = settings.server
-    # The teachers' worker threads (monitoring/teacher.py) run Python too (encoding, httpx):
-    # when one holds the GIL, the event loop gets it back within this time instead of CPython's
-    # default 5 ms, which the student's latency tail would otherwise show. Only contended
-    # hand-offs are affected: with no teacher thread busy, nothing changes.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+    host = args.host or server.host
+    port = server.port if args.port is None else args.port
+    if server.workers > 1:
+        return serve_workers(args.config, settings, host, port)
+    tune_interpreter()
     app = create_app(settings)
-    config = uvicorn.Config(
-        AccessLog(app) if server.access_log else app,  # off: no access-log code per request
-        host=args.host or server.host,
-        port=server.port if args.port is None else args.port,
-        http="httptools",
-        loop="uvloop",
-        lifespan="on",
-        access_log=False,
-        proxy_headers=False,  # applied by the app itself, outside the inference fast path
-        log_level=server.log_level,
-        # Without it only uvicorn's loggers have a handler, and kdgate's INFO lines (the admin
-        # audit trail above all) would be dropped.
-        log_config=log_config(server.log_level, server.log_format),
-        timeout_graceful_shutdown=server.graceful_shutdown_seconds,
-    )
+    config = uvicorn_config(settings, app, host, port)
     if server.admin_port is None:
         uvicorn.Server(config).run()
     else:
@@ -137,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="YAML config file (default: $KDGATE_CONFIG)")
     run.add_argument("--host", help="bind address (default: server.host)")
     run.add_argument("--port", type=int, help="port; 0 picks a free one (default: server.port)")
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        help="worker processes on this host (default: server.workers, 1)",
+    )
     run.set_defaults(handler=serve)
 
     config = commands.add_parser("config", help="check a config file")
@@ -211,6 +205,13 @@ def _dispatch(args_list: list[str]) -> int:
         return int(delegated[args_list[0]](args_list[1:]) or 0)
     args = build_parser().parse_args(args_list)
     return int(args.handler(args))
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number of workers from 1 to 64, got {text!r}")
+    return value
 
 
 def _fail(line: str, code: int = USAGE_ERROR) -> int:

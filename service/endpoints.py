@@ -21,6 +21,7 @@ from kdgate.service.inference import MODEL_VERSION, Inference, Reply
 from kdgate.service.routing import Router
 from kdgate.service.runbooks import MEDIA_TYPE as MARKDOWN
 from kdgate.service.runbooks import Runbooks
+from kdgate.service.siblings import Siblings
 from kdgate.service.state import ServingState
 
 SERVER_NAME = "kdgate"
@@ -99,10 +100,13 @@ def _router_for(state: ServingState, model: str, version: str | None) -> Router:
 
 
 def build_router(
-    state: ServingState, inference: Inference, runbooks: Runbooks | None = None
+    state: ServingState,
+    inference: Inference,
+    runbooks: Runbooks | None = None,
+    siblings: Siblings | None = None,
 ) -> APIRouter:
     """All routes of the app, bound to one serving state; `runbooks` defaults to the shipped
-    ones (read here, once per app)."""
+    ones (read here, once per app); with `siblings` (`--workers`), `/metrics` is the host's."""
     api = APIRouter(responses=_ERRORS)
     server_version = package_version()
     books = Runbooks.load() if runbooks is None else runbooks
@@ -215,7 +219,10 @@ def build_router(
 
     @api.get("/metrics", tags=["monitoring"], response_class=Response)
     async def metrics() -> Response:
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        registry = state.metrics.registry
+        if siblings is None:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await siblings.exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
     # The alerts' runbook_url and the dashboards' panel links point here by default
     # (service/runbooks.py): public operator docs, so the main port serves them.

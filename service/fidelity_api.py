@@ -6,6 +6,11 @@
 
 Both read the app's `MonitoringRuntime` (service/monitoring_runtime.py); the fidelity figures
 come from its recent window, the one `GET /v1/slo` reads. Neither is on the inference hot path.
+
+With several workers (`kdgate serve --workers N`), labels whose ids this worker did not serve
+are passed to the other workers (service/siblings.py), so no label is lost to the worker that
+happened to receive it; `/v1/fidelity` is the answering worker's window and says which worker
+that is (`worker`); Prometheus is the host-exact view.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from kdgate.service.errors import InvalidInput, NotReady
 from kdgate.service.inference import BodyDeadline, read_body
 from kdgate.service.monitoring_runtime import ModelMonitoring, MonitoringRuntime
 from kdgate.service.request_log import RequestLog
+from kdgate.service.siblings import Siblings
 from kdgate.service.state import ServingState
 
 _FEEDBACK_BODY = {
@@ -55,9 +61,13 @@ _NOT_A_LIST = 'expected a JSON array of {"id": "<request id>", "label": <class>}
 
 
 def build_fidelity_router(
-    state: ServingState, runtime: MonitoringRuntime, log: RequestLog
+    state: ServingState,
+    runtime: MonitoringRuntime,
+    log: RequestLog,
+    siblings: Siblings | None = None,
 ) -> APIRouter:
-    """The feedback and fidelity routes, bound to one app's monitoring runtime."""
+    """The feedback and fidelity routes, bound to one app's monitoring runtime (`siblings`:
+    the host's other workers, with `--workers`)."""
     api = APIRouter()
     body_deadline = BodyDeadline(state.settings.server.body_timeout_seconds)
 
@@ -80,14 +90,16 @@ def build_fidelity_router(
             body_deadline,
         )
         items = await parse_feedback(body)
-        log.settle()  # every answered request is in the store before the join
-        # A few MB of labels take ~0.2 s to join here: in slices, letting requests run between.
-        join = monitoring.feedback.apply_feedback
-        answer = join(items[:_JOIN_ITEMS])
-        for start in range(_JOIN_ITEMS, len(items), _JOIN_ITEMS):
-            await asyncio.sleep(0)
-            for key, value in join(items[start : start + _JOIN_ITEMS]).items():
-                answer[key] += value  # counts add up, id lists extend
+        answer = await join_feedback(monitoring, log, items)
+        if siblings is not None and answer["unknown"]:
+            unknown = set(answer["unknown"])
+            elsewhere = await siblings.feedback(
+                model, [item for item in items if item.get("id") in unknown]
+            )
+            if elsewhere is not None:
+                answer["unknown"] = elsewhere.pop("unknown")
+                for key, value in elsewhere.items():
+                    answer[key] += value
         return JsonResponse(answer)
 
     @api.get("/v1/fidelity", tags=["monitoring"])
@@ -96,17 +108,33 @@ def build_fidelity_router(
         names = [model] if model is not None else list(state.versions)
         running_models = {name: running(name) for name in names}
         log.settle()  # the latency of every answered request is in the window
-        return JsonResponse(
-            {
-                "window_seconds": runtime.window.window_seconds,
-                "models": {
-                    name: _summary(runtime, state, monitoring)
-                    for name, monitoring in running_models.items()
-                },
-            }
-        )
+        answer: dict[str, Any] = {
+            "window_seconds": runtime.window.window_seconds,
+            "models": {
+                name: _summary(runtime, state, monitoring)
+                for name, monitoring in running_models.items()
+            },
+        }
+        if siblings is not None:
+            answer["worker"] = siblings.identity()
+        return JsonResponse(answer)
 
     return api
+
+
+async def join_feedback(
+    monitoring: ModelMonitoring, log: RequestLog, items: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Join labels to the predictions this process served (see FeedbackStore.apply_feedback)."""
+    log.settle()  # every answered request is in the store before the join
+    # A few MB of labels take ~0.2 s to join here: in slices, letting requests run between.
+    join = monitoring.feedback.apply_feedback
+    answer = join(items[:_JOIN_ITEMS])
+    for start in range(_JOIN_ITEMS, len(items), _JOIN_ITEMS):
+        await asyncio.sleep(0)
+        for key, value in join(items[start : start + _JOIN_ITEMS]).items():
+            answer[key] += value  # counts add up, id lists extend
+    return answer
 
 
 async def parse_feedback(body: bytes) -> list[dict[str, Any]]:

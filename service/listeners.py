@@ -6,8 +6,9 @@
 
 One process, one app, one uvicorn server listening on two sockets: the app tells the ports apart
 by the local port of the connection (`scope["server"]`), so the models, metrics and background
-tasks stay shared and graceful shutdown covers both listeners. A route asked on the wrong port
-answers 404, so a network policy or Service can expose inference alone.
+tasks stay shared and graceful shutdown covers both listeners (with `server.workers` > 1, the
+supervisor binds both and every worker serves both: service/workers.py). A route asked on the
+wrong port answers 404, so a network policy or Service can expose inference alone.
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ from kdgate.monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teache
 from kdgate.monitoring.webhook import Notifier, retrain_payload
 from kdgate.service.cards import ModelCard, load_card, scores_output, verify_model_file
 from kdgate.service.datatypes import NUMPY_DTYPES
+from kdgate.service.leader import ALWAYS_LEADER, HostLeader
 from kdgate.service.pairing import Pairing, pair_cards, pair_remote
 from kdgate.service.request_log import Served
 from kdgate.service.settings import ModelSettings, Settings, TeacherSettings
@@ -286,7 +287,9 @@ class MonitoringRuntime:
 
     `window` is the app's one recent window (also fed by the request metrics); `tracer` traces
     the shadow comparisons and remote teacher calls; `client` (tests inject one) is the
-    notifier's HTTP client, a fresh one otherwise.
+    notifier's HTTP client, a fresh one otherwise. `leader` says whether this process runs the
+    once-per-host duties (drift jobs, notifier, retrain requests; service/leader.py): with
+    several workers only the one holding the host's lock does, the others wait to take over.
     """
 
     any_thread = False  # consume() touches event-loop objects (queues, feedback stores)
@@ -300,8 +303,10 @@ class MonitoringRuntime:
         window: RecentWindow,
         tracer: Tracer = NO_TRACER,
         client: httpx.AsyncClient | None = None,
+        leader: HostLeader = ALWAYS_LEADER,
     ) -> None:
         self.settings = settings
+        self.leader = leader
         self.state = state
         self.metrics = metrics
         self.window = window
@@ -311,6 +316,7 @@ class MonitoringRuntime:
         self.outbox: Outbox | None = None
         self.notifier: Notifier | None = None
         self.drift_jobs: dict[str, DriftJob] = {}
+        self._hook_notifier: Notifier | None = None  # a non-leader's, for the hook only
         self.buffers: dict[str, InputBuffer] = {}  # model -> recent feature rows for drift
         self.drift_off: dict[str, str] = {}  # model -> why it has no drift job
         self._taps: dict[str, InputTap] = {}
@@ -371,13 +377,11 @@ class MonitoringRuntime:
             on_breach=self._on_breach if self._monitor_requests_retrains else None,
         )
         self._tasks.append(asyncio.create_task(self.monitor.run(self._stop)))
-        for job in self.drift_jobs.values():
-            self._tasks.append(asyncio.create_task(job.run(self._stop)))
-        if self.outbox is not None and self.settings.webhook.url is not None:
-            if self._client is None:
-                self._client = httpx.AsyncClient()
-            self.notifier = Notifier(self.outbox, self._client, self.settings.webhook, self.metrics)
-            self._notifier_task = asyncio.create_task(self.notifier.run())
+        if self.leader.try_acquire():
+            self._lead()
+        else:
+            log.info("drift jobs and webhook sender start if this worker becomes the leader")
+            self._tasks.append(asyncio.create_task(self._await_leadership()))
         log.info(
             "SLO monitor on for %s (retrain requests from %s); drift for %s; webhook %s",
             sorted(objectives),
@@ -385,8 +389,23 @@ class MonitoringRuntime:
             if self.settings.slo.evaluator == "local"
             else "Alertmanager only (slo.evaluator: fleet)",
             sorted(self.drift_jobs),
-            "on" if self.notifier else "off (webhook.url is null)",
+            "on" if self.notifier else "off (webhook.url is null or another worker leads)",
         )
+
+    def _lead(self) -> None:
+        """Start the once-per-host duties: the drift jobs and the notifier."""
+        for job in self.drift_jobs.values():
+            self._tasks.append(asyncio.create_task(job.run(self._stop)))
+        if self.outbox is not None and self.settings.webhook.url is not None:
+            if self._client is None:
+                self._client = httpx.AsyncClient()
+            self.notifier = Notifier(self.outbox, self._client, self.settings.webhook, self.metrics)
+            self._notifier_task = asyncio.create_task(self.notifier.run())
+
+    async def _await_leadership(self) -> None:
+        # Only the leader's death frees the lock, so a worker that takes it keeps it.
+        if await self.leader.wait(self._stop) and not self._stop.is_set():
+            self._lead()
 
     async def stop(self) -> None:
         """Stop taking samples, drain the workers, stop the tasks; close what was opened."""
@@ -419,6 +438,7 @@ class MonitoringRuntime:
             self._teacher_client = None
         if self._client is not None and self._own_client:
             await self._client.aclose()
+        self.leader.release()
 
     def model(self, name: str) -> ModelMonitoring | None:
         """The running monitoring of `name`, or None before start / for an unknown model."""
@@ -437,6 +457,23 @@ class MonitoringRuntime:
                 self.outbox = Outbox(self.settings.webhook.outbox_path)
             return self.outbox
 
+    def hook_notifier(self) -> Notifier | None:
+        """The notifier the Alertmanager hook delivers through (`hook_ack: delivered`), on any
+        worker: the leader's running one, else one that only delivers on demand. Deliveries are
+        leased in the shared outbox (`Outbox.claim`), so two workers never send one entry at
+        once; None while the outbox is not open or `webhook.url` is unset."""
+        if self.notifier is not None:
+            return self.notifier
+        if self.outbox is None or self.settings.webhook.url is None:
+            return None
+        if self._hook_notifier is None:
+            if self._client is None:
+                self._client = httpx.AsyncClient()
+            self._hook_notifier = Notifier(
+                self.outbox, self._client, self.settings.webhook, self.metrics
+            )
+        return self._hook_notifier
+
     def wake_notifier(self) -> None:
         """Deliver now (callable from any thread)."""
         if self.notifier is not None and self._loop is not None:
@@ -452,6 +489,11 @@ class MonitoringRuntime:
         """Monitor callback (worker thread): the breach into the outbox (one request per
         incident: it may join the model's open one), then wake the notifier."""
         assert self.outbox is not None
+        if not self.leader.held:
+            # Every worker's monitor evaluates and exports its own share of the traffic; one
+            # per host asks for retrains, so an incident seen by two workers asks once.
+            log.info("SLO %s of %s breached on this worker; the leader asks", breach["slo"], model)
+            return
         versions = self._versions[model]
         monitoring = self.models.get(model)
         capture = monitoring.capture if monitoring is not None else None

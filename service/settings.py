@@ -74,7 +74,7 @@ class _Section(BaseModel):
 
 
 class ServerSettings(_Section):
-    """HTTP server and onnxruntime session options (one worker process per container)."""
+    """HTTP server and onnxruntime session options."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -104,6 +104,9 @@ class ServerSettings(_Section):
     )
     admin_port: int | None = Field(
         default=None, ge=0, le=65535, description="/admin, /metrics, /v1/hooks only here"
+    )
+    workers: int = Field(
+        default=1, ge=1, le=64, description="worker processes serving the same port(s)"
     )
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ from kdgate.service.inference import BodyDeadline, ClientDisconnected, read_body
 from kdgate.service.monitoring_runtime import MonitoringRuntime
 from kdgate.service.request_log import RequestLog
 from kdgate.service.settings import Settings
+from kdgate.service.siblings import Siblings
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,13 @@ RETRY_AFTER_SECONDS = 10
 
 
 def build_slo_router(
-    settings: Settings, runtime: MonitoringRuntime, requests: RequestLog
+    settings: Settings,
+    runtime: MonitoringRuntime,
+    requests: RequestLog,
+    siblings: Siblings | None = None,
 ) -> APIRouter:
-    """The three routes, bound to one app's settings and monitoring runtime."""
+    """The three routes, bound to one app's settings and monitoring runtime (`siblings`: the
+    host's other workers, with `--workers`: the status then names the worker that answers)."""
     api = APIRouter(tags=["monitoring"])
     default_model = settings.models[0].name
     served = frozenset(m.name for m in settings.models)
@@ -61,7 +66,10 @@ def build_slo_router(
         if runtime.monitor is None:
             raise NotReady("the SLO monitor is starting")
         requests.settle()  # the latency of every answered request is in the window
-        return JsonResponse({"slos": runtime.monitor.status(), "drift": runtime.drift_status()})
+        answer: dict[str, Any] = {"slos": runtime.monitor.status(), "drift": runtime.drift_status()}
+        if siblings is not None:
+            answer["worker"] = siblings.identity()
+        return JsonResponse(answer)
 
     @api.get("/v1/reports/drift", response_class=Response)
     async def drift_report(model: str | None = None) -> Response:
@@ -74,6 +82,8 @@ def build_slo_router(
             reason = runtime.drift_off.get(name, "drift.enabled is false")
             raise HTTPException(404, f"drift is off for {name!r}: {reason}")
         html = job.latest_html
+        if html is None and siblings is not None and not siblings.leader.held:
+            html = await siblings.drift_report(name)  # the leader runs the drift job
         if html is None:
             # 404, not 503: the server is fine, the report does not exist yet.
             drift = settings.drift
@@ -160,7 +170,7 @@ def build_slo_router(
 
     async def _delivered(answer: dict[str, Any], entry_ids: list[str]) -> JsonResponse:
         """hook_ack delivered: 200 once the receiver took every request, else 503."""
-        notifier = runtime.notifier
+        notifier = runtime.hook_notifier()
         if notifier is None:
             raise NotReady("the retrain webhook notifier is starting")
         try:

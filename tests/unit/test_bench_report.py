@@ -106,3 +106,22 @@ def test_median_result_takes_each_figure_s_median_and_skips_failed_repeats() -> 
     assert merged.metric("c16.rps") == statistics.median([7000, 9000, 7600])
     assert merged.error is None
     assert "repeat failed: boom" in merged.notes
+
+
+def test_worker_scaling_is_kdgate_speed_up_over_the_ceiling_speed_up() -> None:
+    results = {
+        "ceiling": _result("ceiling", 10000),
+        "ceiling-2-workers": _result("ceiling-2-workers", 18000),
+        "kdgate": _result("kdgate", 8000),
+        "kdgate-2-workers": _result("kdgate-2-workers", 13600),
+    }
+    rows = {row["label"]: row for row in evaluate_all(COMPARISONS, results)}
+    scaling = rows["kdgate 2-worker/1-worker / the ceiling's (c16)"]
+    assert scaling["ratio"] == pytest.approx((13600 / 8000) / (18000 / 10000), abs=1e-3)
+    assert scaling["passed"] is True  # 1.7x against the ceiling's 1.8x: 0.944
+    results["kdgate-2-workers"] = _result("kdgate-2-workers", 12800)
+    rows = {row["label"]: row for row in evaluate_all(COMPARISONS, results)}
+    assert rows["kdgate 2-worker/1-worker / the ceiling's (c16)"]["passed"] is False  # 0.889
+    del results["ceiling-2-workers"]
+    labels = {row["label"] for row in evaluate_all(COMPARISONS, results)}
+    assert "kdgate 2-worker/1-worker / the ceiling's (c16)" not in labels

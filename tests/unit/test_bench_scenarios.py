@@ -29,7 +29,13 @@ def test_fill_replaces_placeholders_at_any_depth() -> None:
 
 
 def test_select_defaults_and_rejects_unknown_names() -> None:
-    assert [s.name for s in scenarios.select(None)] == ["ceiling", "naive", "kdgate"]
+    assert [s.name for s in scenarios.select(None)] == [
+        "ceiling",
+        "naive",
+        "kdgate",
+        "ceiling-2-workers",
+        "kdgate-2-workers",
+    ]
     assert [s.name for s in scenarios.select(["kdgate", "ceiling"])] == ["kdgate", "ceiling"]
     with pytest.raises(ValueError, match="nope"):
         scenarios.select(["nope"])
@@ -69,3 +75,15 @@ def test_every_kdgate_scenario_config_is_accepted_by_kdgate(
     expected_fraction = scenario.model.get("traffic", {}).get("shadow_fraction", 0.0)
     assert model.traffic.shadow_fraction == expected_fraction
     assert (model.teacher is None) == ("teacher" not in scenario.model)
+
+
+def test_a_workers_scenario_sets_server_workers_and_the_others_do_not() -> None:
+    by_name = {s.name: s for s in scenarios.ALL}
+    config = scenarios.kdgate_config(
+        by_name["kdgate-2-workers"], port=1234, student_card="s.json", placeholders={}
+    )
+    assert config["server"] == {"host": "127.0.0.1", "port": 1234, "workers": 2}
+    single = scenarios.kdgate_config(
+        by_name["kdgate"], port=1234, student_card="s.json", placeholders={}
+    )
+    assert "workers" not in single["server"]

@@ -167,3 +167,24 @@ def test_a_missing_extra_names_what_to_install(argv: list[str], blocked: str, ex
         timeout=120,
     )
     assert_one_line_error(result, f"pip install 'kdgate[{extra}]'", blocked)
+
+
+@pytest.mark.parametrize("workers", ["0", "65", "two"])
+def test_a_bad_number_of_workers_is_a_usage_error(workers: str) -> None:
+    result = kdgate("serve", "--workers", workers)
+    assert result.returncode == 2
+    assert "expected a number of workers from 1 to 64" in result.stderr
+
+
+def test_a_taken_port_with_several_workers_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, port=port, workers=2)
+        result = kdgate("serve", "--config", str(config))
+    assert result.returncode == 1
+    assert f"kdgate: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
