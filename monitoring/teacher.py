@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -34,6 +35,8 @@ Logits = NDArray[np.float32]
 # Far above any batch of logits in JSON (64 rows x 1,000 classes is ~1.5 MB); a bound, so a
 # misbehaving teacher cannot fill the gateway's memory within its deadline.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
+# An execution provider as `ort.InferenceSession(providers=...)` takes it: name, or name + options.
+Provider = str | tuple[str, dict[str, Any]]
 
 
 class TeacherError(Exception):
@@ -64,7 +67,9 @@ class LocalOnnxTeacher:
 
     Runs are serialised on one dedicated thread, so a slow teacher queues batches instead of
     occupying the default executor the student may use, and the event loop never waits.
-    `intra_op_threads` is the teacher's own onnxruntime thread count (default 1).
+    `intra_op_threads` is the teacher's own onnxruntime thread count (default 1);
+    `session_options` and `providers`, when given, are what its session is built with (the
+    caller checks the providers are available: onnxruntime would fall back to the CPU).
     """
 
     def __init__(
@@ -76,20 +81,14 @@ class LocalOnnxTeacher:
         input_name: str = "input",
         output_name: str = "logits",
         intra_op_threads: int = 1,
+        session_options: ort.SessionOptions | None = None,
+        providers: Sequence[Provider] = ("CPUExecutionProvider",),
     ) -> None:
         self.name = name
         self.version = version
         self.input_name = input_name
         self.output_name = output_name
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning intra-op threads burn a core between batches; that core serves the student.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(
-            model, sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self._session = teacher_session(model, intra_op_threads, session_options, providers)
         # The teacher thread runs at the lowest CPU priority: with one intra-op thread the model
         # runs on it, and requests on the same core must not wait for a shadow comparison.
         self._executor = ThreadPoolExecutor(
@@ -220,6 +219,23 @@ class RemoteOipTeacher:
             raise TeacherError(
                 f"teacher {self._endpoint}: no usable output {self.output_name!r}: {exc!r}"
             ) from exc
+
+
+def teacher_session(
+    model: bytes,
+    intra_op_threads: int,
+    options: ort.SessionOptions | None = None,
+    providers: Sequence[Provider] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
+    """The onnxruntime session of a local teacher (blocking: it loads the model)."""
+    if options is None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning intra-op threads burn a core between batches; that core serves the student.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
 
 
 def checked_logits(out: Any, rows: int) -> Logits:

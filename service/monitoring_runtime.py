@@ -60,6 +60,7 @@ from kdgate.monitoring.teacher import LocalOnnxTeacher, RemoteOipTeacher, Teache
 from kdgate.monitoring.webhook import Notifier, retrain_payload
 from kdgate.service.cards import ModelCard, load_card, verify_model_file
 from kdgate.service.request_log import Served
+from kdgate.service.runtime import onnx_session_config
 from kdgate.service.settings import ModelSettings, Settings, TeacherSettings
 from kdgate.service.shadow_tap import ModelShadow, Observation
 from kdgate.service.state import ServingState
@@ -553,6 +554,12 @@ def _local_teacher(model: str, teacher: TeacherSettings, student: ModelCard) -> 
         raise ValueError(f"model {model!r}: teacher inputs {card.inputs} differ from the student's")
     if card.class_labels != student.class_labels:
         raise ValueError(f"model {model!r}: teacher and student class labels differ")
+    session = onnx_session_config(
+        teacher.providers,
+        dict(teacher.provider_options),
+        teacher.session_options,
+        intra_op_threads=teacher.intra_op_threads,
+    )
     return LocalOnnxTeacher(
         verify_model_file(teacher.card, card),
         name=card.name,
@@ -560,4 +567,6 @@ def _local_teacher(model: str, teacher: TeacherSettings, student: ModelCard) -> 
         input_name=card.inputs[0].name,
         output_name=card.outputs[0].name,
         intra_op_threads=teacher.intra_op_threads,
+        session_options=session.options,
+        providers=session.providers,
     )

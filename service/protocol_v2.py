@@ -241,7 +241,7 @@ def encode_response(
         else:
             # ravel: a view, as reshape(-1), at half its cost. orjson writes numpy arrays of
             # every datatype but BYTES (object arrays) itself.
-            entry["data"] = array.ravel() if datatype != "BYTES" else _texts(array)
+            entry["data"] = array.ravel() if datatype != "BYTES" else texts(array)
         tensors.append(entry)
     header = orjson.dumps(
         {
@@ -260,14 +260,14 @@ def encode_response(
 def bytes_blob(array: np.ndarray[Any, Any]) -> bytes:
     """A BYTES tensor in binary: per element (row-major) a 4-byte little-endian length, then
     the element's bytes (`str` elements as UTF-8), as Triton writes them."""
-    parts = []
+    parts: list[bytes] = []
     for value in array.flat:
         item = value.encode() if isinstance(value, str) else bytes(value)
         parts += (_LENGTH.pack(len(item)), item)
     return b"".join(parts)
 
 
-def _texts(array: np.ndarray[Any, Any]) -> list[str]:
+def texts(array: np.ndarray[Any, Any]) -> list[str]:
     """A BYTES tensor as JSON strings, flat (bytes that are not UTF-8 with U+FFFD in place)."""
     return [
         value if isinstance(value, str) else bytes(value).decode(errors="replace")
