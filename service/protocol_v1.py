@@ -103,15 +103,13 @@ def encode_response(outputs: Arrays, signature: Signature) -> bytes:
         if predictions.dtype.kind == "O":  # BYTES: orjson writes no object arrays
             predictions = _nested_texts(predictions)
         return orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
-    columns = {
-        name: _nested_texts(outputs[name]) if outputs[name].dtype.kind == "O" else outputs[name]
+    # Python lists: orjson writes numpy arrays, not the numpy scalars a 1-D array's rows are.
+    columns = [
+        _nested_texts(outputs[name]) if outputs[name].dtype.kind == "O" else outputs[name].tolist()
         for name in names
-    }
-    rows = [
-        {name: column[i] for name, column in columns.items()}
-        for i in range(len(next(iter(columns.values()))))
     ]
-    return orjson.dumps({"predictions": rows}, option=orjson.OPT_SERIALIZE_NUMPY)
+    rows = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
+    return orjson.dumps({"predictions": rows})
 
 
 def _nested_texts(array: np.ndarray[Any, Any]) -> list[Any]:

@@ -150,6 +150,8 @@ def array_from_data(
     if raw.dtype.kind == "O" and all(type(v) in (int, float) for v in raw.flat):
         raw = _beyond_64_bits(name, raw, dtype, field)
     if raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+        if dtype.kind in "iu" and _past_integer_range(data, raw, dtype):
+            raise _out_of_range(name, field, dtype)
         raise InvalidInput(
             f"input {name!r}: '{field}' holds {_describe_kind(raw)}; "
             f"expected {_EXPECTED[dtype.kind]} for {V2_DATATYPES[dtype]}"
@@ -218,6 +220,21 @@ def _strings_from_data(
                 ) from None
     _check_layout(name, raw, shape, field, rows=rows)
     return raw.reshape(shape)
+
+
+def _past_integer_range(data: list[Any], raw: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> bool:
+    """Whether `data`, refused for an integer datatype, holds integers past its range that
+    became floats on the way: numpy makes float64 of ints past 2**63 mixed with smaller ones,
+    orjson of ints past 64 bits."""
+    try:
+        if all(type(v) is int for v in np.asarray(data, dtype=object).flat):
+            return True
+    except ValueError:  # ragged
+        return False
+    if raw.dtype.kind != "f":
+        return False
+    info = np.iinfo(dtype)
+    return bool(((raw < info.min) | (raw > info.max)).any())
 
 
 def _beyond_64_bits(
