@@ -23,7 +23,7 @@ from kdgate.service.cards import TensorSpec
 from kdgate.service.datatypes import NUMPY_DTYPES
 from kdgate.service.errors import InvalidInput
 from kdgate.service.protocol_v2 import parse_json, texts
-from kdgate.service.tensors import Signature, array_from_data, check_names
+from kdgate.service.tensors import Signature, array_from_data, check_batch, check_names
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 _FORMATS = '{"instances": [...]} or {"inputs": ...}'
@@ -64,7 +64,11 @@ def decode_request(body: bytes | memoryview, signature: Signature) -> Arrays:
     for name, rows in columns.items():
         if not isinstance(rows, list) or not rows:
             raise InvalidInput(f"input {name!r}: 'inputs' must hold a non-empty list of rows")
-    return {name: _batch(spec, columns[name], "inputs") for name, spec in signature.inputs.items()}
+    arrays = {
+        name: _batch(spec, columns[name], "inputs") for name, spec in signature.inputs.items()
+    }
+    check_batch(arrays, signature)
+    return arrays
 
 
 def _batch(spec: TensorSpec, rows: list[Any], field: str) -> np.ndarray[Any, Any]:

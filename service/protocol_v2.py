@@ -27,6 +27,7 @@ from kdgate.service.tensors import (
     Signature,
     array_from_bytes,
     array_from_data,
+    check_batch,
     check_datatype,
     check_names,
     check_shape,
@@ -212,6 +213,8 @@ def _decode_general(
             f"binary payload inconsistent: {len(binary)} bytes follow the JSON but the inputs' "
             f"binary_data_size add up to {offset}"
         )
+    if len(inputs) > 1:
+        check_batch(inputs, signature)
     return V2Request(request_id, inputs, _requested_outputs(request, signature))
 
 

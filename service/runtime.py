@@ -20,9 +20,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from kdgate.service.cards import ModelCard, TensorSpec, load_card, verify_model_file
 from kdgate.service.datatypes import NUMPY_DTYPES, ORT_TYPES
+from kdgate.service.errors import InvalidInput
 from kdgate.service.settings import CPU_PROVIDER, SessionOptionsSettings
 from kdgate.service.tensors import Signature
 
@@ -180,7 +183,12 @@ class StudentSession:
 
     def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         """Run the model on validated inputs; returns the outputs by name."""
-        results = self._run(self._output_names, inputs, None)
+        try:
+            results = self._run(self._output_names, inputs, None)
+        except (OrtFail, OrtInvalidArgument) as exc:
+            # Inputs that fit the signature can still fail inside the graph (dynamic sizes that
+            # disagree, a token id past the vocabulary): the caller's to fix, with the reason.
+            raise InvalidInput(f"the model cannot run on these inputs: {_reason(exc)}") from None
         # Not strict: onnxruntime returns one result per name asked for; checking costs ~1 us,
         # and even `strict=False` spelled out costs a keyword parse.
         return dict(zip(self._output_names, results))  # noqa: B905
@@ -209,3 +217,10 @@ def blank(spec: TensorSpec, batch: int) -> np.ndarray[Any, Any]:
     if spec.datatype == "BYTES":
         return np.full(shape, "", dtype=object)
     return np.zeros(shape, NUMPY_DTYPES[spec.datatype])
+
+
+def _reason(exc: Exception) -> str:
+    """onnxruntime's status message without its source file locations, on one line."""
+    text = str(exc).split("Status Message: ", 1)[-1]
+    text = text.split(" was false. ", 1)[-1]  # past a failed check's source location and code
+    return " ".join(w for w in text.split() if "/onnxruntime_src/" not in w)[:300]

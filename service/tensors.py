@@ -433,6 +433,21 @@ def check_names(given: Sequence[str], signature: Signature) -> None:
         raise InvalidInput(f"missing input(s) {missing}; the model's inputs are {expected}")
 
 
+def check_batch(arrays: dict[str, np.ndarray[Any, Any]], signature: Signature) -> None:
+    """The inputs with a dynamic first dimension (the batch) agree on it: one request's
+    inputs describe the same rows (onnxruntime would fail inside the graph otherwise)."""
+    sizes = {
+        name: array.shape[0]
+        for name, array in arrays.items()
+        if signature.inputs[name].shape[:1] == [-1]
+    }
+    if len(set(sizes.values())) > 1:
+        raise InvalidInput(
+            f"inputs differ in their first (batch) dimension: {sizes}; every input of a request "
+            "must hold the same number of rows"
+        )
+
+
 def _kind(value: Any) -> str:
     return type(value).__name__
 
