@@ -67,7 +67,7 @@ def test_named_instances_and_named_columns_decode_alike() -> None:
                 "instances": [{"input_ids": [1], "attention_mask": [1]}] * 2
                 + [{"input_ids": [1, 2], "attention_mask": [1, 2]}]
             },
-            r"each of the 'instances' must be one row of shape \[1\]",
+            "not a rectangular list",
         ),
         ({"predict": []}, r'\{"instances": \[\.\.\.\]\}'),
     ],
