@@ -22,7 +22,12 @@ import yaml
 from pydantic import ValidationError
 
 from kdgate.service.cards import load_card, model_path
-from kdgate.service.settings import CONFIG_ENV_VAR, Settings, load_settings
+from kdgate.service.settings import (
+    CONFIG_ENV_VAR,
+    OnnxSessionSettings,
+    Settings,
+    load_settings,
+)
 
 ENV_PREFIX = "KDGATE_"
 
@@ -122,7 +127,7 @@ def provider_problems(settings: Settings) -> list[str]:
     from kdgate.service.runtime import available_providers  # onnxruntime: only when checking
 
     available = available_providers()
-    configured = []
+    configured: list[tuple[str, OnnxSessionSettings]] = []
     for i, model in enumerate(settings.models):
         configured += [(f"models[{i}].students[{j}]", s) for j, s in enumerate(model.students)]
         if model.teacher is not None and model.teacher.card is not None:

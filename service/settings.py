@@ -141,7 +141,7 @@ class SessionOptionsSettings(_Section):
         return value.lower().removeprefix("ort_") if isinstance(value, str) else value
 
 
-class _OnnxSession(_Section):
+class OnnxSessionSettings(_Section):
     """Where and how onnxruntime runs one model: execution providers in order of preference,
     their options, and the session options. The providers must be available in the installed
     onnxruntime (`onnxruntime.get_available_providers()`), checked at start."""
@@ -165,7 +165,7 @@ class _OnnxSession(_Section):
         return self
 
 
-class StudentSettings(_OnnxSession):
+class StudentSettings(OnnxSessionSettings):
     """One student version: an ONNX file described by its model card, and its onnxruntime."""
 
     version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -187,7 +187,7 @@ class BreakerSettings(_Section):
     cooldown_seconds: float = Field(default=10.0, ge=0.0)
 
 
-class TeacherSettings(_OnnxSession):
+class TeacherSettings(OnnxSessionSettings):
     """The teacher: a local card (run by onnxruntime as configured), or a remote Open Inference
     Protocol endpoint."""
 
