@@ -72,6 +72,8 @@ def session_options(
     options.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if config.allow_spinning else "0"
     )
+    if config.log_severity_level is not None:
+        options.log_severity_level = config.log_severity_level
     for key, value in config.config_entries.items():
         options.add_session_config_entry(key, value)
     return options

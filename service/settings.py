@@ -131,6 +131,9 @@ class SessionOptionsSettings(_Section):
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     # Off by default: a spinning pool thread busy-waits on the core the event loop needs.
     allow_spinning: bool = False
+    # onnxruntime's own log on stderr: 0 verbose, 1 info, 2 warning, 3 error (a failed run on a
+    # bad input is logged here too), 4 fatal only; null: onnxruntime's default (2).
+    log_severity_level: int | None = Field(default=None, ge=0, le=4)
     # Any other key of `SessionOptions.add_session_config_entry`, by its onnxruntime name.
     config_entries: dict[str, str] = Field(default_factory=dict)
 

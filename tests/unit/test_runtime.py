@@ -80,6 +80,7 @@ def test_session_options_from_config_are_applied(tmp_path: Path) -> None:
         graph_optimization_level="ORT_ENABLE_BASIC",
         execution_mode="parallel",
         allow_spinning=True,
+        log_severity_level=4,
         config_entries={"session.use_env_allocators": "1"},
     )
     session = StudentSession.from_card(
@@ -93,6 +94,7 @@ def test_session_options_from_config_are_applied(tmp_path: Path) -> None:
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 2)
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert options.log_severity_level == 4
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert options.get_session_config_entry("session.use_env_allocators") == "1"
 
