@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -42,6 +42,8 @@ Inputs = Mapping[str, NDArray[Any]]
 # Far above any batch of logits in JSON (64 rows x 1,000 classes is ~1.5 MB); a bound, so a
 # misbehaving teacher cannot fill the gateway's memory within its deadline.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
+# An execution provider as `ort.InferenceSession(providers=...)` takes it: name, or name + options.
+Provider = str | tuple[str, dict[str, Any]]
 
 
 class TeacherError(Exception):
@@ -73,7 +75,9 @@ class LocalOnnxTeacher:
 
     Runs are serialised on one dedicated thread, so a slow teacher queues batches instead of
     occupying the default executor the student may use, and the event loop never waits.
-    `intra_op_threads` is the teacher's own onnxruntime thread count (default 1).
+    `intra_op_threads` is the teacher's own onnxruntime thread count (default 1);
+    `session_options` and `providers`, when given, are what its session is built with (the
+    caller checks the providers are available: onnxruntime would fall back to the CPU).
 
     Each input of a batch is fed under its student name, or `input_map[name]` when mapped, as
     it is: the caller checks that the teacher declares the same datatypes as the student, whose
@@ -89,12 +93,14 @@ class LocalOnnxTeacher:
         output_name: str = "logits",
         input_map: Mapping[str, str] | None = None,
         intra_op_threads: int = 1,
+        session_options: ort.SessionOptions | None = None,
+        providers: Sequence[Provider] = ("CPUExecutionProvider",),
     ) -> None:
         self.name = name
         self.version = version
         self.output_name = output_name
         self.input_map = dict(input_map or {})
-        self._session = teacher_session(model, intra_op_threads)
+        self._session = teacher_session(model, intra_op_threads, session_options, providers)
         # The teacher thread runs at the lowest CPU priority: with one intra-op thread the model
         # runs on it, and requests on the same core must not wait for a shadow comparison.
         self._executor = ThreadPoolExecutor(
@@ -235,15 +241,21 @@ class RemoteOipTeacher:
             ) from exc
 
 
-def teacher_session(model: bytes, intra_op_threads: int) -> ort.InferenceSession:
+def teacher_session(
+    model: bytes,
+    intra_op_threads: int,
+    options: ort.SessionOptions | None = None,
+    providers: Sequence[Provider] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
     """The onnxruntime session of a local teacher (blocking: it loads the model)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Spinning intra-op threads burn a core between batches; that core serves the student.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    if options is None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning intra-op threads burn a core between batches; that core serves the student.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
 
 
 def v2_json_tensor(name: str, datatype: str, rows: NDArray[Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Check a config for the operator: one line per problem, or the effective config.
 
-    load_checked(path)     Settings, or ConfigError("<file>: <key path>: <reason>")
+    load_checked(path)     Settings, or ConfigError("<file>: <key path>: <reason>"): also card
+                           files missing and execution providers onnxruntime lacks
     effective_yaml(s)      the config as YAML after defaults and KDGATE_* overrides, secrets masked
     missing_extra(exc)     "pip install 'kdgate[train]'" for an ImportError of an optional part
 
@@ -21,7 +22,12 @@ import yaml
 from pydantic import ValidationError
 
 from kdgate.service.cards import load_card, model_path
-from kdgate.service.settings import CONFIG_ENV_VAR, Settings, load_settings
+from kdgate.service.settings import (
+    CONFIG_ENV_VAR,
+    OnnxSessionSettings,
+    Settings,
+    load_settings,
+)
 
 ENV_PREFIX = "KDGATE_"
 
@@ -75,7 +81,7 @@ def load_checked(
         raise ConfigError(f"{where}: " + "; ".join(problems)) from None
     except ValueError as exc:  # load_settings' own checks (not a mapping)
         raise ConfigError(_one_line(str(exc))) from None
-    problems = card_problems(settings)
+    problems = card_problems(settings) + provider_problems(settings)
     if problems and path is None:
         # A wheel installed without its package data: say what to write instead.
         problems.append(
@@ -112,6 +118,28 @@ def card_problems(settings: Settings) -> list[str]:
             continue
         if not onnx_file.is_file():
             problems.append(f"{key}: the model file it names is missing: {onnx_file}")
+    return problems
+
+
+def provider_problems(settings: Settings) -> list[str]:
+    """Execution providers the installed onnxruntime lacks, each as `<key path>: <reason>`
+    naming those it has (onnxruntime itself would only warn and run on the CPU)."""
+    from kdgate.service.runtime import available_providers  # onnxruntime: only when checking
+
+    available = available_providers()
+    configured: list[tuple[str, OnnxSessionSettings]] = []
+    for i, model in enumerate(settings.models):
+        configured += [(f"models[{i}].students[{j}]", s) for j, s in enumerate(model.students)]
+        if model.teacher is not None and model.teacher.card is not None:
+            configured.append((f"models[{i}].teacher", model.teacher))
+    problems = []
+    for key, section in configured:
+        missing = [name for name in section.providers if name not in available]
+        if missing:
+            problems.append(
+                f"{key}.providers: {', '.join(missing)} not available in this onnxruntime; "
+                f"available: {', '.join(available)}"
+            )
     return problems
 
 

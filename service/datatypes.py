@@ -2,7 +2,9 @@
 
 Every module that maps between a card's `datatype`, a numpy array and an ONNX graph's
 `tensor(...)` type reads this table, so a datatype is added in one place. BYTES is a tensor of
-strings: numpy object arrays of `bytes` (what onnxruntime takes for `tensor(string)`).
+strings: numpy object arrays of `str`, what onnxruntime takes and returns for `tensor(string)`
+(its Python binding turns a `bytes` element into the text "b'...'", so decoded BYTES inputs are
+UTF-8 text; outputs may hold `str` or `bytes`).
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ from kdgate.service.datatypes import NUMPY_DTYPES
 from kdgate.service.leader import ALWAYS_LEADER, HostLeader
 from kdgate.service.pairing import Pairing, pair_cards, pair_remote
 from kdgate.service.request_log import Served
+from kdgate.service.runtime import onnx_session_config
 from kdgate.service.settings import ModelSettings, Settings, TeacherSettings
 from kdgate.service.shadow_tap import ModelShadow, Observation
 from kdgate.service.state import ServingState
@@ -784,6 +785,12 @@ def _local_teacher(
 ) -> LocalOnnxTeacher:
     """Load a local teacher (blocking), refusing a model file that does not match its card."""
     assert teacher.card is not None
+    session = onnx_session_config(
+        teacher.providers,
+        dict(teacher.provider_options),
+        teacher.session_options,
+        intra_op_threads=teacher.intra_op_threads,
+    )
     return LocalOnnxTeacher(
         verify_model_file(teacher.card, card),
         name=card.name,
@@ -791,4 +798,6 @@ def _local_teacher(
         output_name=output_name,
         input_map=input_map,
         intra_op_threads=teacher.intra_op_threads,
+        session_options=session.options,
+        providers=session.providers,
     )

@@ -13,6 +13,7 @@ Pure functions: bytes in, arrays out, and back. No HTTP, no model.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from kdgate.service.tensors import (
     Signature,
     array_from_bytes,
     array_from_data,
+    check_batch,
     check_datatype,
     check_names,
     check_shape,
@@ -211,6 +213,8 @@ def _decode_general(
             f"binary payload inconsistent: {len(binary)} bytes follow the JSON but the inputs' "
             f"binary_data_size add up to {offset}"
         )
+    if len(inputs) > 1:
+        check_batch(inputs, signature)
     return V2Request(request_id, inputs, _requested_outputs(request, signature))
 
 
@@ -227,17 +231,20 @@ def encode_response(
     blobs: list[bytes] = []
     for wanted in requested:
         array = outputs[wanted.name]
-        entry: dict[str, Any] = {
-            "name": wanted.name,
-            "datatype": V2_DATATYPES[array.dtype],
-            "shape": array.shape,
-        }
+        datatype = V2_DATATYPES[array.dtype]
+        entry: dict[str, Any] = {"name": wanted.name, "datatype": datatype, "shape": array.shape}
         if wanted.binary:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            blob = (
+                bytes_blob(array)
+                if datatype == "BYTES"
+                else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            )
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.ravel()  # a view, as reshape(-1), at half its cost
+            # ravel: a view, as reshape(-1), at half its cost. orjson writes numpy arrays of
+            # every datatype but BYTES (object arrays) itself.
+            entry["data"] = array.ravel() if datatype != "BYTES" else texts(array)
         tensors.append(entry)
     header = orjson.dumps(
         {
@@ -251,6 +258,27 @@ def encode_response(
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def bytes_blob(array: np.ndarray[Any, Any]) -> bytes:
+    """A BYTES tensor in binary: per element (row-major) a 4-byte little-endian length, then
+    the element's bytes (`str` elements as UTF-8), as Triton writes them."""
+    parts: list[bytes] = []
+    for value in array.flat:
+        item = value.encode() if isinstance(value, str) else bytes(value)
+        parts += (_LENGTH.pack(len(item)), item)
+    return b"".join(parts)
+
+
+def texts(array: np.ndarray[Any, Any]) -> list[str]:
+    """A BYTES tensor as JSON strings, flat (bytes that are not UTF-8 with U+FFFD in place)."""
+    return [
+        value if isinstance(value, str) else bytes(value).decode(errors="replace")
+        for value in array.flat
+    ]
+
+
+_LENGTH = struct.Struct("<I")
 
 
 def signature_outputs(signature: Signature, *, binary: bool) -> tuple[OutputRequest, ...]:

@@ -116,8 +116,63 @@ class ServerSettings(_Section):
         return self
 
 
-class StudentSettings(_Section):
-    """One student version: an ONNX file described by its model card."""
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class SessionOptionsSettings(_Section):
+    """onnxruntime `SessionOptions` of one model (service/runtime.py builds them).
+
+    Null thread counts take the section's default: `server.onnx_*_threads` for a student,
+    `teacher.intra_op_threads` (and one inter-op thread) for a local teacher.
+    """
+
+    intra_op_threads: int | None = Field(default=None, ge=0, description="0: one per core")
+    inter_op_threads: int | None = Field(default=None, ge=0, description="0: one per core")
+    graph_optimization_level: Literal[
+        "disable_all", "enable_basic", "enable_extended", "enable_layout", "enable_all"
+    ] = "enable_all"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    # Off by default: a spinning pool thread busy-waits on the core the event loop needs.
+    allow_spinning: bool = False
+    # onnxruntime's own log on stderr: 0 verbose, 1 info, 2 warning, 3 error (a failed run on a
+    # bad input is logged here too), 4 fatal only; null: onnxruntime's default (2).
+    log_severity_level: int | None = Field(default=None, ge=0, le=4)
+    # Any other key of `SessionOptions.add_session_config_entry`, by its onnxruntime name.
+    config_entries: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("graph_optimization_level", "execution_mode", mode="before")
+    @classmethod
+    def _enum_names(cls, value: Any) -> Any:
+        # onnxruntime's own spelling (ORT_ENABLE_ALL, ORT_SEQUENTIAL) is accepted as well.
+        return value.lower().removeprefix("ort_") if isinstance(value, str) else value
+
+
+class OnnxSessionSettings(_Section):
+    """Where and how onnxruntime runs one model: execution providers in order of preference,
+    their options, and the session options. The providers must be available in the installed
+    onnxruntime (`onnxruntime.get_available_providers()`), checked at start."""
+
+    providers: list[str] = Field(default_factory=lambda: [CPU_PROVIDER], min_length=1)
+    provider_options: dict[str, dict[str, str | int | float | bool]] = Field(
+        default_factory=dict,
+        description="per provider name, e.g. CUDAExecutionProvider: {device_id: 0}",
+    )
+    session_options: SessionOptionsSettings = Field(default_factory=SessionOptionsSettings)
+
+    @model_validator(mode="after")
+    def _options_for_listed_providers(self) -> Self:
+        if len(set(self.providers)) != len(self.providers):
+            raise ValueError(f"providers lists a provider twice: {self.providers}")
+        unlisted = sorted(set(self.provider_options) - set(self.providers))
+        if unlisted:
+            raise ValueError(
+                f"provider_options names {unlisted}, not in providers {self.providers}"
+            )
+        return self
+
+
+class StudentSettings(OnnxSessionSettings):
+    """One student version: an ONNX file described by its model card, and its onnxruntime."""
 
     version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     card: Path
@@ -138,8 +193,9 @@ class BreakerSettings(_Section):
     cooldown_seconds: float = Field(default=10.0, ge=0.0)
 
 
-class TeacherSettings(_Section):
-    """The teacher: a local card, or a remote Open Inference Protocol endpoint."""
+class TeacherSettings(OnnxSessionSettings):
+    """The teacher: a local card (run by onnxruntime as configured), or a remote Open Inference
+    Protocol endpoint."""
 
     card: Path | None = None
     url: str | None = None
@@ -160,6 +216,12 @@ class TeacherSettings(_Section):
             raise ValueError("teacher needs exactly one of 'card' or 'url'")
         if self.url is not None and not self.model:
             raise ValueError("a remote teacher ('url') needs 'model', its name on that server")
+        local_only = {"providers", "provider_options", "session_options"} & self.model_fields_set
+        if self.url is not None and local_only:
+            raise ValueError(
+                f"{sorted(local_only)} apply to a local teacher ('card'); a remote teacher runs "
+                "on its own server"
+            )
         return self
 
 

@@ -28,11 +28,15 @@ StudentLoader = Callable[[StudentSettings, ServerSettings], StudentSession]
 
 
 def load_student(student: StudentSettings, server: ServerSettings) -> StudentSession:
-    """The default loader: the card's ONNX file, verified, with the configured thread counts."""
+    """The default loader: the card's ONNX file, verified, on the student's providers with its
+    session options (thread counts: the server's unless the student sets them)."""
     return StudentSession.from_card(
         student.card,
         intra_op_threads=server.onnx_intra_op_threads,
         inter_op_threads=server.onnx_inter_op_threads,
+        providers=student.providers,
+        provider_options=dict(student.provider_options),
+        config=student.session_options,
     )
 
 

@@ -3,6 +3,13 @@
 Everything here is a pure function of its arguments, raising `InvalidInput` with a message
 that says what was wrong and what was expected. The protocol codecs (V2 JSON, V2 binary, V1)
 decode into numpy arrays through these functions, so one set of rules guards the model.
+
+Per datatype, in JSON: numbers for FP16/FP32/FP64 (integers too), integers for the INT and UINT
+datatypes (within the datatype's range), `true`/`false` for BOOL, strings for BYTES. In binary
+(the V2 extension): little-endian values, BOOL one byte each (0 or 1), BYTES each element as a
+4-byte little-endian length and that many bytes, as Triton sends them. BYTES arrays are object
+arrays of `str` (onnxruntime's Python binding takes `tensor(string)` as text), so their bytes
+must be UTF-8.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from kdgate.service.errors import InvalidInput
 
 # numpy kinds a JSON number may decode to, per target kind: ints are fine for a float input,
 # floats are not fine for an int input (silently truncating 1.7 to 1 would change the answer).
-_ACCEPTED_KINDS = {"f": ("f", "i", "u"), "i": ("i", "u")}
+_ACCEPTED_KINDS = {"f": ("f", "i", "u"), "i": ("i", "u"), "u": ("i", "u"), "b": ("b",)}
+# What a JSON tensor must hold, per target kind, for the message that refuses anything else.
+_EXPECTED = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans (true/false)"}
 _FLOAT_MAX = {
     dtype: float(np.finfo(dtype).max) for dtype in NUMPY_DTYPES.values() if dtype.kind == "f"
 }
@@ -30,9 +39,11 @@ _FLOAT_MAX = {
 # most the sum; NaN fails the comparison). For float64 only finiteness is left to prove, and a
 # finite sum does that: parsed values are float64 already.
 _SQUARES_MAX = {
+    np.dtype(np.float16): _FLOAT_MAX[np.dtype(np.float16)] ** 2,
     np.dtype(np.float32): _FLOAT_MAX[np.dtype(np.float32)] ** 2,
     np.dtype(np.float64): _FLOAT_MAX[np.dtype(np.float64)],
 }
+_BYTES_LENGTH = struct.Struct("<I")  # the length before each BYTES element in binary data
 
 
 @dataclass(frozen=True)
@@ -124,8 +135,11 @@ def array_from_data(
     """
     if not isinstance(data, list):
         raise InvalidInput(
-            f"input {name!r}: '{field}' must be a list of numbers, got {_kind(data)}"
+            f"input {name!r}: '{field}' must be a list of "
+            f"{_EXPECTED.get(dtype.kind, 'strings')}, got {_kind(data)}"
         )
+    if dtype.kind == "O":
+        return _strings_from_data(name, data, shape, field, rows=rows)
     try:
         # No dtype here on purpose: numpy would happily parse the string "1.5" into a float.
         raw = np.asarray(data)
@@ -136,11 +150,33 @@ def array_from_data(
     if raw.dtype.kind == "O" and all(type(v) in (int, float) for v in raw.flat):
         raw = _beyond_64_bits(name, raw, dtype, field)
     if raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+        if dtype.kind in "iu" and _past_integer_range(data, raw, dtype):
+            raise _out_of_range(name, field, dtype)
         raise InvalidInput(
             f"input {name!r}: '{field}' holds {_describe_kind(raw)}; "
-            f"expected {'numbers' if dtype.kind == 'f' else 'integers'} for "
-            f"{V2_DATATYPES[dtype]}"
+            f"expected {_EXPECTED[dtype.kind]} for {V2_DATATYPES[dtype]}"
         )
+    _check_layout(name, raw, shape, field, rows=rows)
+    if dtype.kind == "f":
+        # Integers (at most 64-bit once parsed) always fit FP32 and FP64. For floats, one
+        # reduction (~1 us; abs + max cost ~4) clears the common case; NaN, +-Inf, out-of-range
+        # values, and in-range values whose squares add up past the bound, get the exact check.
+        if raw.dtype.kind == "f":
+            if not np.vdot(raw, raw) <= _SQUARES_MAX[dtype]:
+                check_in_range(name, raw, dtype)
+        elif dtype.itemsize < 4:  # FP16: 70000 is an integer past its range
+            check_in_range(name, raw.astype(np.float64), dtype)
+    elif dtype.kind != "b" and raw.size:
+        info = np.iinfo(dtype)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise _out_of_range(name, field, dtype)
+    return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def _check_layout(
+    name: str, raw: np.ndarray[Any, Any], shape: tuple[int, ...], field: str, *, rows: bool
+) -> None:
+    """`raw` (parsed JSON data) holds `shape`'s element count, nested as `shape` or flat."""
     if raw.size != element_count(shape):
         raise InvalidInput(
             f"input {name!r}: '{field}' has {raw.size} values but shape {list(shape)} needs "
@@ -157,17 +193,48 @@ def array_from_data(
             f"input {name!r}: '{field}' is nested as {list(raw.shape)}, not as shape "
             f"{list(shape)}; nest it exactly as the shape, or send it flat"
         )
-    if dtype.kind == "f":
-        # Integers (at most 64-bit once parsed) always fit a float. For floats, one reduction
-        # (~1 us; abs + max cost ~4) clears the common case; NaN, +-Inf, out-of-range values,
-        # and in-range values whose squares add up past the bound, get the exact check.
-        if raw.dtype.kind == "f" and not np.vdot(raw, raw) <= _SQUARES_MAX[dtype]:
-            check_in_range(name, raw, dtype)
-    elif raw.size:
-        info = np.iinfo(dtype)
-        if raw.min() < info.min or raw.max() > info.max:
-            raise _out_of_range(name, field, dtype)
-    return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def _strings_from_data(
+    name: str, data: list[Any], shape: tuple[int, ...], field: str, *, rows: bool
+) -> np.ndarray[Any, Any]:
+    """BYTES from JSON: strings only (numpy would turn a stray number into its digits)."""
+    try:
+        raw = np.asarray(data, dtype=object)
+    except ValueError as exc:  # ragged nesting
+        raise InvalidInput(
+            f"input {name!r}: '{field}' is not a rectangular list of strings ({exc})"
+        ) from None
+    for value in raw.flat:
+        if type(value) is not str:
+            raise InvalidInput(
+                f"input {name!r}: '{field}' holds {_kind(value)} {value!r:.40}; "
+                "expected strings for BYTES"
+            )
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:  # a lone surrogate escape: no UTF-8 for onnxruntime
+                raise InvalidInput(
+                    f"input {name!r}: '{field}' holds a string that is not valid Unicode"
+                ) from None
+    _check_layout(name, raw, shape, field, rows=rows)
+    return raw.reshape(shape)
+
+
+def _past_integer_range(data: list[Any], raw: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> bool:
+    """Whether `data`, refused for an integer datatype, holds integers past its range that
+    became floats on the way: numpy makes float64 of ints past 2**63 mixed with smaller ones,
+    orjson of ints past 64 bits."""
+    try:
+        if all(type(v) is int for v in np.asarray(data, dtype=object).flat):
+            return True
+    except ValueError:  # ragged
+        return False
+    if raw.dtype.kind != "f":
+        return False
+    info = np.iinfo(dtype)
+    return bool(((raw < info.min) | (raw > info.max)).any())
 
 
 def _beyond_64_bits(
@@ -180,6 +247,8 @@ def _beyond_64_bits(
             return raw.astype(np.float64)
         except OverflowError:
             pass
+    if dtype.kind == "b":
+        return raw  # refused as numbers where booleans are expected
     raise _out_of_range(name, field, dtype)
 
 
@@ -196,7 +265,9 @@ def _out_of_range(name: str, field: str, dtype: np.dtype[Any]) -> InvalidInput:
 
 # Per datatype: struct code (packing a flat list checks each value's type and range in C), the
 # little-endian dtype of the packed bytes, and the Python type of the sum of acceptable data.
-_PACKING: dict[str, tuple[str, np.dtype[Any], type]] = {
+# None: a datatype the quick way leaves to `array_from_data` (every datatype has an entry: a
+# subscript costs less than `dict.get` on the hot path).
+_PACKING: dict[str, tuple[str, np.dtype[Any], type] | None] = dict.fromkeys(NUMPY_DTYPES) | {
     name: (code, NUMPY_DTYPES[name].newbyteorder("<"), float if code in "fd" else int)
     for name, code in {"FP32": "f", "FP64": "d", "INT32": "i", "INT64": "q"}.items()
 }
@@ -225,9 +296,10 @@ def packed_from_data(
       except floats just above the float32 maximum, which it rounds down to it: any FP32 data
       holding the maximum's bytes takes the other way.
     """
-    if len(data) != math.prod(shape) or type(data[0]) is bool:
+    packing = _PACKING[datatype]
+    if packing is None or len(data) != math.prod(shape) or type(data[0]) is bool:
         return None
-    code, dtype, wanted = _PACKING[datatype]
+    code, dtype, wanted = packing
     try:
         total: float = sum(data)
         packed = _packer(code, len(data))(*data)
@@ -249,6 +321,12 @@ def array_from_bytes(
     name: str, payload: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype[Any]
 ) -> np.ndarray[Any, Any]:
     """Decode raw little-endian tensor bytes (the V2 binary extension) into `shape`."""
+    if dtype.kind in "bO":
+        return (
+            _bools_from_bytes(name, payload, shape)
+            if dtype.kind == "b"
+            else (_strings_from_bytes(name, payload, shape))
+        )
     expected = element_count(shape) * dtype.itemsize
     if len(payload) != expected:
         raise InvalidInput(
@@ -257,6 +335,62 @@ def array_from_bytes(
         )
     array = np.frombuffer(payload, dtype.newbyteorder("<")).reshape(shape)
     return check_finite(name, array)
+
+
+def _bools_from_bytes(
+    name: str, payload: bytes | memoryview, shape: tuple[int, ...]
+) -> np.ndarray[Any, Any]:
+    """BOOL in binary: one byte per element, 0 or 1 (numpy would read 2 as a third truth)."""
+    raw = np.frombuffer(payload, np.uint8)
+    if raw.size != element_count(shape):
+        raise InvalidInput(
+            f"input {name!r}: binary_data_size is {raw.size} bytes but shape {list(shape)} "
+            f"of BOOL needs {element_count(shape)}"
+        )
+    if raw.max() > 1:
+        raise InvalidInput(
+            f"input {name!r}: BOOL bytes must be 0 or 1, got {int(raw.max())} at flat index "
+            f"{int(np.argmax(raw > 1))}"
+        )
+    return raw.view(np.bool_).reshape(shape)
+
+
+def _strings_from_bytes(
+    name: str, payload: bytes | memoryview, shape: tuple[int, ...]
+) -> np.ndarray[Any, Any]:
+    """BYTES in binary: per element a 4-byte little-endian length, then that many bytes."""
+    count = element_count(shape)
+    data = bytes(payload)
+    items: list[str] = []
+    offset = 0
+    while offset < len(data) and len(items) < count:
+        if offset + 4 > len(data):
+            break
+        (length,) = _BYTES_LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise InvalidInput(
+                f"input {name!r}: BYTES element {len(items)} declares {length} bytes but only "
+                f"{len(data) - offset} follow; expected each element as a 4-byte little-endian "
+                "length and that many bytes"
+            )
+        try:
+            items.append(data[offset : offset + length].decode())
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"input {name!r}: BYTES element {len(items)} is not UTF-8 text "
+                "(onnxruntime takes string tensors as text)"
+            ) from None
+        offset += length
+    if len(items) != count or offset != len(data):
+        raise InvalidInput(
+            f"input {name!r}: binary data holds {len(items)} length-prefixed BYTES elements"
+            f"{'' if offset == len(data) else f' and {len(data) - offset} bytes more'}; "
+            f"shape {list(shape)} needs {count}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
 
 
 def check_in_range(name: str, array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> None:
@@ -301,10 +435,33 @@ def check_names(given: Sequence[str], signature: Signature) -> None:
         raise InvalidInput(f"missing input(s) {missing}; the model's inputs are {expected}")
 
 
+def check_batch(arrays: dict[str, np.ndarray[Any, Any]], signature: Signature) -> None:
+    """The inputs with a dynamic first dimension (the batch) agree on it: one request's
+    inputs describe the same rows (onnxruntime would fail inside the graph otherwise)."""
+    sizes = {
+        name: array.shape[0]
+        for name, array in arrays.items()
+        if signature.inputs[name].shape[:1] == [-1]
+    }
+    if len(set(sizes.values())) > 1:
+        raise InvalidInput(
+            f"inputs differ in their first (batch) dimension: {sizes}; every input of a request "
+            "must hold the same number of rows"
+        )
+
+
 def _kind(value: Any) -> str:
     return type(value).__name__
 
 
 def _describe_kind(array: np.ndarray[Any, Any]) -> str:
-    kinds = {"U": "strings", "S": "strings", "b": "booleans", "O": "mixed or non-numeric values"}
+    kinds = {
+        "U": "strings",
+        "S": "strings",
+        "b": "booleans",
+        "O": "mixed or non-numeric values",
+        "f": "floating point numbers",
+        "i": "integers",
+        "u": "integers",
+    }
     return kinds.get(array.dtype.kind, f"values of numpy kind {array.dtype.kind!r}")

@@ -113,6 +113,32 @@ def test_a_missing_card_file_names_its_key(tmp_path: Path) -> None:
     assert_one_line_error(result, str(config), "models[0].students[0].card", "no such file")
 
 
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_a_provider_onnxruntime_lacks_fails_at_start_naming_the_available_ones(
+    tmp_path: Path, command: str
+) -> None:
+    config = with_secrets(write_config(tmp_path))
+    data = yaml.safe_load(config.read_text())
+    data["models"][0]["students"][0]["providers"] = [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    config.write_text(yaml.safe_dump(data))
+    args = (
+        ("serve", "--config", str(config))
+        if command == "serve"
+        else ("config", "check", str(config))
+    )
+    result = kdgate(*args)
+    assert_one_line_error(
+        result,
+        str(config),
+        "models[0].students[0].providers: CUDAExecutionProvider not available",
+        "available: ",
+        "CPUExecutionProvider",
+    )
+
+
 def test_a_missing_card_of_a_weight_0_version_is_no_config_error(tmp_path: Path) -> None:
     config = with_secrets(write_config(tmp_path, {"1": 100, "2": 0}))
     (tmp_path / "models" / "student-v2.card.json").unlink()

@@ -177,3 +177,29 @@ def test_the_drift_child_is_replaced_after_its_runs() -> None:
         pool.shutdown()
     assert os.getpid() not in pids
     assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+
+
+def test_the_local_teacher_runs_on_its_configured_providers_and_options(tmp_path: Path) -> None:
+    from kdgate.service.cards import load_card
+    from kdgate.service.monitoring_runtime import _local_teacher
+    from kdgate.service.runtime import ProviderUnavailable
+    from kdgate.service.settings import TeacherSettings
+    from tests.support.tiny_model import write_tiny_student
+
+    card = write_tiny_student(tmp_path)
+    settings = TeacherSettings(
+        card=card,
+        providers=["CPUExecutionProvider"],
+        session_options={"intra_op_threads": 2, "graph_optimization_level": "enable_basic"},
+    )
+    teacher = _local_teacher("digits", settings, load_card(card))
+    options = teacher._session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert str(options.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
+    assert teacher._session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(ProviderUnavailable, match=r"\['CUDAExecutionProvider'\] not available"):
+        _local_teacher(
+            "digits",
+            settings.model_copy(update={"providers": ["CUDAExecutionProvider"]}),
+            load_card(card),
+        )

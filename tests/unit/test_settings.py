@@ -63,6 +63,19 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
          "traffic.weights must say"),
         ({"teacher": {"url": "http://t"}}, "needs 'model'"),
         ({"teacher": {}}, "exactly one of"),
+        ({"teacher": {"url": "http://t", "model": "t", "providers": ["CPUExecutionProvider"]}},
+         "['providers'] apply to a local teacher"),
+        ({"students": [{"version": "1", "card": "a",
+                        "provider_options": {"CUDAExecutionProvider": {}}}]},
+         "provider_options names ['CUDAExecutionProvider'], not in providers"),
+        ({"students": [{"version": "1", "card": "a", "providers": ["A", "A"]}]},
+         "lists a provider twice"),
+        ({"students": [{"version": "1", "card": "a", "providers": []}]}, "at least 1 item"),
+        ({"students": [{"version": "1", "card": "a",
+                        "session_options": {"graph_optimization_level": "fast"}}]},
+         "graph_optimization_level"),
+        ({"students": [{"version": "1", "card": "a", "session_options": {"intra_op_threads": -1}}]},
+         "greater than or equal to 0"),
     ],
 )  # fmt: skip
 def test_model_validators_reject_nonsense(
@@ -121,3 +134,37 @@ def test_sticky_header_refuses_connection_and_framing_headers_and_long_names(
 def test_sticky_header_of_64_characters_is_fine(tmp_path: Path) -> None:
     model = {**MODEL, "traffic": {"sticky_header": "x-" + "k" * 62}}
     assert load_settings(write(tmp_path, {"models": [model]})).models[0].traffic.sticky_header
+
+
+def test_providers_and_session_options_per_student_and_teacher(tmp_path: Path) -> None:
+    model = {
+        **MODEL,
+        "students": [
+            {
+                "version": "1",
+                "card": "s.json",
+                "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                "provider_options": {"CUDAExecutionProvider": {"device_id": 1}},
+                "session_options": {
+                    "intra_op_threads": 4, "graph_optimization_level": "ORT_ENABLE_BASIC"
+                },
+            }
+        ],
+        "teacher": {"card": "t.json", "providers": ["OpenVINOExecutionProvider"],
+                    "session_options": {"execution_mode": "ORT_PARALLEL"}},
+    }  # fmt: skip
+    (got,) = load_settings(write(tmp_path, {"models": [model]})).models
+    student = got.students[0]
+    assert student.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert student.provider_options == {"CUDAExecutionProvider": {"device_id": 1}}
+    assert student.session_options.intra_op_threads == 4
+    assert student.session_options.graph_optimization_level == "enable_basic"
+    assert got.teacher is not None and got.teacher.providers == ["OpenVINOExecutionProvider"]
+    assert got.teacher.session_options.execution_mode == "parallel"
+
+
+def test_cpu_is_the_default_provider() -> None:
+    (model,) = Settings().models
+    assert model.students[0].providers == ["CPUExecutionProvider"]
+    assert model.teacher is not None and model.teacher.providers == ["CPUExecutionProvider"]
+    assert model.students[0].session_options.intra_op_threads is None  # server's default

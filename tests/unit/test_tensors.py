@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -185,3 +186,88 @@ def test_packed_data_takes_the_usual_request() -> None:
     assert packed_from_data([True, *values[1:]], (1, 64), "FP32") is None
     assert packed_from_data([1, 2], (1, 2), "FP32") is None  # ints alone: the exact way
     assert packed_from_data([1.5, 2.0], (1, 2), "INT64") is None
+
+
+INTEGER_DATATYPES = ("UINT8", "INT8", "INT16", "INT32", "INT64")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(INTEGER_DATATYPES),
+    st.lists(st.integers(min_value=-(2**66), max_value=2**66), min_size=1, max_size=4),
+)
+def test_integer_data_is_accepted_exactly_within_the_datatypes_range(
+    datatype: str, values: list[int]
+) -> None:
+    dtype = NUMPY_DTYPES[datatype]
+    low, high = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)  # the reference
+    shape = (len(values),)
+    if all(low <= v <= high for v in values):
+        got = array_from_data("x", values, shape, dtype)
+        assert got.dtype == dtype and got.tolist() == values
+    else:
+        with pytest.raises(InvalidInput, match=f"outside the {datatype} range"):
+            array_from_data("x", values, shape, dtype)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True, width=32),
+            st.integers(min_value=-100_000, max_value=100_000),
+            st.sampled_from([65504.0, -65504.0, 65519.0, 65520.0, 65504, 65505]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_fp16_data_is_accepted_exactly_when_finite_and_in_range(values: list[float]) -> None:
+    dtype = NUMPY_DTYPES["FP16"]
+    if _accepted([float(v) for v in values], dtype):
+        got = array_from_data("x", values, (len(values),), dtype)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, np.array(values, np.float64).astype(np.float16))
+    else:
+        with pytest.raises(InvalidInput, match="FP16"):
+            array_from_data("x", values, (len(values),), dtype)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "expected"),
+    [
+        ("BOOL", [[True, False], [False, True]], np.array([[1, 0], [0, 1]], bool)),
+        ("BYTES", ["a", "é"], np.array(["a", "é"], dtype=object)),
+        ("BYTES", [["", "日本"]], np.array([["", "日本"]], dtype=object)),
+        ("UINT8", [0, 255], np.array([0, 255], np.uint8)),
+        ("FP16", [1, 0.5], np.array([1, 0.5], np.float16)),
+    ],
+)
+def test_json_data_of_every_kind(datatype: str, data: list[object], expected: np.ndarray) -> None:
+    got = array_from_data("x", data, expected.shape, NUMPY_DTYPES[datatype])
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        ("BOOL", [1, 0], "holds integers; expected booleans (true/false) for BOOL"),
+        ("BOOL", [2**70, 0], "expected booleans (true/false) for BOOL"),
+        ("BYTES", ["a", 1], "holds int 1; expected strings for BYTES"),
+        ("BYTES", ["a", ["b"]], "expected strings for BYTES"),
+        ("BYTES", ["a", "\ud800"], "not valid Unicode"),
+        ("BYTES", "ab", "must be a list of strings"),
+        ("INT8", [1.0, 2], "holds floating point numbers; expected integers for INT8"),
+        ("INT64", [0, 2**63], "outside the INT64 range"),
+        ("UINT8", [True, False], "holds booleans; expected integers for UINT8"),
+    ],
+)
+def test_json_data_of_the_wrong_kind_is_named(datatype: str, data: object, message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        array_from_data("x", data, (2,), NUMPY_DTYPES[datatype])
+
+
+def test_packed_path_declines_datatypes_it_cannot_vouch_for() -> None:
+    for datatype in ("BOOL", "UINT8", "INT8", "INT16", "FP16", "BYTES"):
+        assert packed_from_data([1, 2], (2,), datatype) is None
