@@ -192,14 +192,15 @@ def test_the_local_teacher_runs_on_its_configured_providers_and_options(tmp_path
         providers=["CPUExecutionProvider"],
         session_options={"intra_op_threads": 2, "graph_optimization_level": "enable_basic"},
     )
-    teacher = _local_teacher("digits", settings, load_card(card))
+    teacher = _local_teacher(settings, load_card(card), "logits", {})
     options = teacher._session.get_session_options()
     assert options.intra_op_num_threads == 2
     assert str(options.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
     assert teacher._session.get_providers() == ["CPUExecutionProvider"]
     with pytest.raises(ProviderUnavailable, match=r"\['CUDAExecutionProvider'\] not available"):
         _local_teacher(
-            "digits",
             settings.model_copy(update={"providers": ["CUDAExecutionProvider"]}),
             load_card(card),
+            "logits",
+            {},
         )
