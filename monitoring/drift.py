@@ -335,7 +335,11 @@ def numpy_drift(
 ) -> DriftResult:
     """Share of columns whose PSI >= `threshold` (pure numpy; the fallback without Evidently)."""
     started = time.perf_counter()
-    cur, ref = np.asarray(current), np.asarray(reference)
+    # float64: Evidently's histograms split each column's range into bins, and a float32 column
+    # whose values differ by an ulp (a saturated student's confidence, 1 - 6e-8 .. 1) has a
+    # range numpy cannot split ("Too many bins for data range"): every run would fail.
+    cur = np.asarray(current, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
     names = column_names(ref.shape[1], columns)
     scores = {name: psi(ref[:, i], cur[:, i], name in categorical) for i, name in enumerate(names)}
     drifted = sum(score >= threshold for score in scores.values())
@@ -377,7 +381,11 @@ def evidently_drift(
     A top-level function of plain arguments, so it can run in a child process.
     """
     started = time.perf_counter()
-    cur, ref = np.asarray(current), np.asarray(reference)
+    # float64: Evidently's histograms split each column's range into bins, and a float32 column
+    # whose values differ by an ulp (a saturated student's confidence, 1 - 6e-8 .. 1) has a
+    # range numpy cannot split ("Too many bins for data range"): every run would fail.
+    cur = np.asarray(current, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
     names = column_names(ref.shape[1], columns)
     with warnings.catch_warnings():
         # Evidently's own warnings are not ours to act on: it touches the deprecated numpy.core

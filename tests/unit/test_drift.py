@@ -205,3 +205,22 @@ def test_reference_inputs_are_read_by_input_name(tmp_path: Path) -> None:
     np.savez(path, a=np.zeros((4, 3)), b=np.zeros((3, 3)))
     with pytest.raises(ValueError, match="rows"):
         load_reference_inputs(path, ["a", "b"])
+
+
+def test_a_saturated_confidence_column_is_scored_not_an_error() -> None:
+    # A student pushed to certainty answers confidences 1 - 6e-8 .. 1 in float32: numpy cannot
+    # split that range into Evidently's histogram bins unless the columns are float64.
+    rng = np.random.default_rng(0)
+    reference = np.stack([rng.integers(0, 3, 600), rng.uniform(0.5, 1, 600)], 1)
+    current = np.zeros((600, 2), dtype=np.float32)
+    current[:, 1] = np.float32(1.0) - np.float32(6e-8) * rng.integers(0, 2, 600)
+    result = evidently_drift(
+        current,
+        reference.astype(np.float32),
+        columns=["prediction", "confidence"],
+        categorical=["prediction"],
+        scored=["prediction", "confidence"],
+        html=False,
+    )
+    assert result.share == 1.0
+    assert set(result.scores) == {"prediction", "confidence"}
