@@ -152,10 +152,18 @@ class BodyDeadline:
 
 
 async def read_body(
-    receive: Receive, limit: int, declared: bytes | None, deadline: BodyDeadline
+    receive: Receive,
+    limit: int,
+    declared: bytes | None,
+    deadline: BodyDeadline,
+    task: asyncio.Task[Any] | None = None,
 ) -> bytes:
     """The request body, refusing to read more than `limit` bytes (413) or for longer than the
-    `deadline` (408), so that a client that stops sending cannot hold a request for good."""
+    `deadline` (408), so that a client that stops sending cannot hold a request for good.
+
+    `task` is the current task when the caller already has it: looking it up again costs ~1.5k
+    instructions per request (`asyncio.current_task` is Python code on 3.11).
+    """
     if declared is not None:
         try:
             length = int(declared)
@@ -163,9 +171,10 @@ async def read_body(
             raise InvalidInput(f"content-length {declared!r} is not a byte count") from None
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes is over the {limit}-byte limit")
-    task = asyncio.current_task()
     if task is None:
-        raise RuntimeError("read_body must run in an asyncio task")
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("read_body must run in an asyncio task")
     deadline.start(task)
     try:
         message = await receive()
@@ -219,8 +228,13 @@ class Inference:
         version: str | None,
         raw_headers: Iterable[tuple[bytes, bytes]],
         receive: Receive,
+        task: asyncio.Task[Any] | None = None,
     ) -> Reply:
-        """Answer one inference request; every outcome, good or bad, is a `Reply`."""
+        """Answer one inference request; every outcome, good or bad, is a `Reply`.
+
+        `task`: the request's own task, when the caller has looked it up already (the overload
+        guard has), so that the body read does not look it up again.
+        """
         started = perf_counter()
         headers = dict(raw_headers)
         request_id = headers.get(REQUEST_ID, b"").decode("latin-1") or None
@@ -244,6 +258,7 @@ class Inference:
                 self.limit,
                 headers.get(b"content-length"),
                 self.body_deadline,
+                task,
             )
             if protocol == "v2":
                 header_length = headers.get(b"inference-header-content-length")
@@ -260,12 +275,10 @@ class Inference:
             else:
                 inputs = protocol_v1.decode_request(body, variant.signature)
             batcher = variant.batcher
-            if batcher is not None and batcher.busy():
-                outputs = await batcher.run(inputs)
-            else:
+            if batcher is None or batcher.inline():
                 outputs = variant.run(inputs)
-                if batcher is not None:
-                    batcher.ran_inline()
+            else:
+                outputs = await batcher.run(inputs)
             if protocol == "v2":
                 payload, json_length = protocol_v2.encode_response(
                     model_name=model,
@@ -328,10 +341,11 @@ class TracedInference(Inference):
         version: str | None,
         raw_headers: Iterable[tuple[bytes, bytes]],
         receive: Receive,
+        task: asyncio.Task[Any] | None = None,
     ) -> Reply:
         headers = list(raw_headers)
         with self.tracer.request(model, protocol, headers) as span:
-            reply = await super().handle(protocol, model, version, headers, receive)
+            reply = await super().handle(protocol, model, version, headers, receive, task)
             served = next((v for k, v in reply.headers if k == MODEL_VERSION), b"")
             span.answered(reply.status, served.decode("latin-1"))
             return reply

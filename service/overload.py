@@ -109,7 +109,7 @@ class Guard:
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._period, self._sweep)
         try:
-            return await self.inference.handle(protocol, model, version, raw_headers, receive)
+            return await self.inference.handle(protocol, model, version, raw_headers, receive, task)
         except asyncio.CancelledError:
             if task not in self._expired:
                 raise  # not ours: the server is shutting down

@@ -73,8 +73,9 @@ async def test_requests_of_one_loop_iteration_share_one_run(student: StudentSess
     counting = CountingSession(student)
     batcher = Batcher(counting, max_rows=32)
     assert not batcher.busy()  # nothing ran yet: a request would run inline
-    batcher.ran_inline()
+    assert batcher.inline()
     assert batcher.busy()
+    assert not batcher.inline()  # the iteration's later requests join the batch
     requests = [rows(n, seed) for seed, n in enumerate([1, 3, 1, 2, 5])]
     answers = await asyncio.gather(*(batcher.run(r) for r in requests))
     assert counting.runs == [12]  # one run over every row
@@ -89,7 +90,7 @@ async def test_requests_of_one_loop_iteration_share_one_run(student: StudentSess
 async def test_a_batch_never_takes_more_than_max_rows(student: StudentSession) -> None:
     counting = CountingSession(student)
     batcher = Batcher(counting, max_rows=4)
-    batcher.ran_inline()
+    assert batcher.inline()
     requests = [rows(n, seed) for seed, n in enumerate([2, 2, 3, 1, 4])]
     answers = await asyncio.gather(*(batcher.run(r) for r in requests))
     assert counting.runs == [4, 4, 4]
@@ -105,7 +106,7 @@ async def test_a_failed_run_fails_each_request_of_its_batch() -> None:
             raise RuntimeError("session lost")
 
     batcher = Batcher(Broken(), max_rows=32)
-    batcher.ran_inline()
+    assert batcher.inline()
     answers = await asyncio.gather(
         *(batcher.run(rows(1, seed)) for seed in range(3)), return_exceptions=True
     )
@@ -125,7 +126,7 @@ async def test_outputs_without_a_row_per_input_row_are_run_request_by_request() 
 
     session = Pooling()
     batcher = Batcher(session, max_rows=32)
-    batcher.ran_inline()
+    assert batcher.inline()
     requests = [rows(2, seed) for seed in range(3)]
     answers = await asyncio.gather(*(batcher.run(r) for r in requests))
     assert session.runs == 1 + 3  # the refused batch, then each alone
@@ -136,7 +137,7 @@ async def test_outputs_without_a_row_per_input_row_are_run_request_by_request() 
 async def test_a_lone_request_in_batch_mode_runs_by_itself(student: StudentSession) -> None:
     counting = CountingSession(student)
     batcher = Batcher(counting, max_rows=32)
-    batcher.ran_inline()
+    assert batcher.inline()
     answer = await batcher.run(rows(2, 7))
     assert counting.runs == [2]
     np.testing.assert_allclose(answer["logits"], student.run(rows(2, 7))["logits"], atol=1e-6)
