@@ -91,7 +91,7 @@ class Guard:
         if not self.timeout:
             self.in_flight += 1
             try:
-                # Looked up per call: tracing wraps `handle` on the instance (service/tracing.py).
+                # `inference` is the plain or the traced handler, as create_app chose.
                 return await self.inference.handle(protocol, model, version, raw_headers, receive)
             finally:
                 self.in_flight -= 1
