@@ -1,0 +1,165 @@
+"""The job runner's stages against a recording admin API (httpx.MockTransport): the version
+number, register -> rollout, removal when the rollout cannot start, removal of a version a
+dead process left registered; the user's command with its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from kdgate.service.retrain_config import RetrainWorkerSettings, load_worker_settings
+from kdgate.service.retrain_gateway import Gateway
+from kdgate.service.retrain_metrics import WorkerMetrics
+from kdgate.service.retrain_queue import JobQueue
+from kdgate.service.retrain_runner import JobFailed, JobRunner, child_env, run_command
+from tests.support.pairs import PairCache
+from tests.support.retrain_worker import retrain_body, write_worker_config
+
+Calls = list[tuple[str, str, Any]]
+
+
+class Admin:
+    """A recording admin API: versions 1, canary and 3 are loaded."""
+
+    def __init__(self, rollout_status: int = 201, versions_status: int = 200) -> None:
+        self.calls: Calls = []
+        self.rollout_status = rollout_status
+        self.versions_status = versions_status
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        self.calls.append((request.method, request.url.path, body))
+        assert request.headers["authorization"] == "Bearer t0ken-for-the-runner-tests"
+        if request.method == "GET":
+            listed = [{"version": v} for v in ("1", "canary", "3")]
+            return httpx.Response(self.versions_status, json={"versions": listed})
+        if request.url.path.endswith("/rollout"):
+            return httpx.Response(self.rollout_status, json={"error": "Method Not Allowed"})
+        return httpx.Response(201 if request.method == "POST" else 200, json={})
+
+
+def settings_for(tmp_path: Path, pairs: PairCache, **more: Any) -> RetrainWorkerSettings:
+    pair = pairs.get("tabular")
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, shutil, sys\n"
+        "shutil.copyfile(sys.argv[1], os.path.join(os.environ['KDGATE_OUT'], 'student.onnx'))\n"
+    )
+    job = {
+        "kind": "command",
+        "command": [sys.executable, str(script), str(pair.student)],
+        "teacher": str(pair.teacher),
+        "sample": str(pair.sample),
+    }
+    config = write_worker_config(
+        tmp_path, gateway_url="http://gateway.test", models={"tabular": job}, **more
+    )
+    return load_worker_settings(config)
+
+
+def runner_for(settings: RetrainWorkerSettings, admin: Admin) -> tuple[JobRunner, JobQueue]:
+    client = httpx.AsyncClient(
+        transport=httpx.MockTransport(admin),
+        base_url=settings.gateway.url,
+        headers={"authorization": "Bearer t0ken-for-the-runner-tests"},
+    )
+    queue = JobQueue(settings.work_dir / "jobs.sqlite3")
+    metrics = WorkerMetrics(CollectorRegistry())
+    return JobRunner(settings, queue, Gateway(client, timeout_seconds=5), metrics), queue
+
+
+@pytest.mark.parametrize("rollout_status", [201, 404, 405])
+def test_register_then_rollout_and_removal_when_the_rollout_cannot_start(
+    tmp_path: Path, pairs: PairCache, rollout_status: int
+) -> None:
+    settings = settings_for(tmp_path, pairs, rollout={"steps": ["dark", 100]})
+    admin = Admin(rollout_status)
+    runner, queue = runner_for(settings, admin)
+    queue.add("msg_1", "tabular", retrain_body("tabular").decode())
+    job = queue.claim()
+    assert job is not None
+    asyncio.run(runner.execute(job))
+
+    card = settings.work_dir / "jobs" / "job-000001" / "card" / "student.card.json"
+    expected: Calls = [
+        ("GET", "/admin/models/tabular/versions", None),
+        ("POST", "/admin/models/tabular/versions", {"card": str(card.resolve()), "version": "4"}),
+        ("POST", "/admin/models/tabular/rollout", {"steps": ["dark", 100], "candidate": "4"}),
+    ]
+    done = queue.get(job.seq)
+    assert done is not None and done.version == "4" and done.registered is None
+    if rollout_status == 201:
+        assert admin.calls == expected
+        assert done.status == "succeeded" and done.error is None
+    else:
+        assert admin.calls == [*expected, ("DELETE", "/admin/models/tabular/versions/4", None)]
+        assert done.status == "failed" and done.stage == "rollout"
+        assert f"HTTP {rollout_status}" in (done.error or "")
+        assert "version 4 removed again" in (done.error or "")
+
+
+def test_a_version_left_registered_by_a_dead_process_is_removed(
+    tmp_path: Path, pairs: PairCache
+) -> None:
+    settings = settings_for(tmp_path, pairs)
+    queue = JobQueue(settings.work_dir / "jobs.sqlite3")
+    queue.add("msg_1", "tabular", retrain_body("tabular").decode())
+    dead = queue.claim()
+    assert dead is not None
+    queue.set_registered(dead.seq, "4")  # then the process died before the rollout call
+    admin = Admin(versions_status=503)  # the rerun fails at once: only the removal matters
+    runner, queue = runner_for(settings, admin)
+
+    async def run_until_finished() -> None:
+        task = asyncio.create_task(runner.run())
+        deadline = time.monotonic() + 30
+        while (job := await asyncio.to_thread(queue.get, dead.seq)) and job.status != "failed":
+            assert time.monotonic() < deadline, job
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run_until_finished())
+    assert admin.calls[0] == ("DELETE", "/admin/models/tabular/versions/4", None)
+    job = queue.get(dead.seq)
+    assert job is not None and job.attempts == 2 and job.stage == "version"
+    assert "HTTP 503" in (job.error or "")
+
+
+def test_a_command_past_its_deadline_is_killed(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    log = tmp_path / "command.log"
+    started = time.monotonic()
+    with pytest.raises(JobFailed, match="still running after 1 s"):
+        asyncio.run(
+            run_command(argv, env=child_env({}), cwd=tmp_path, log_path=log, deadline_seconds=1)
+        )
+    assert time.monotonic() - started < 15
+    assert "started" in log.read_text()
+
+
+def test_a_missing_program_or_a_failing_one_is_a_job_failure(tmp_path: Path) -> None:
+    log = tmp_path / "command.log"
+
+    def run(argv: list[str]) -> None:
+        asyncio.run(run_command(argv, env={}, cwd=tmp_path, log_path=log, deadline_seconds=10))
+
+    with pytest.raises(JobFailed, match="cannot run"):
+        run([str(tmp_path / "no-such-program")])
+    with pytest.raises(JobFailed, match="exited with 4"):
+        run([sys.executable, "-c", "import sys; sys.exit(4)"])
+
+
+def test_children_get_no_kdgate_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDGATE_RETRAIN_SECRET", "whsec_x")
+    monkeypatch.setenv("KDGATE_RETRAIN_GATEWAY__TOKEN", "t")
+    env = child_env({"KDGATE_OUT": "/out"})
+    assert {k for k in env if k.startswith("KDGATE_")} == {"KDGATE_OUT"}
