@@ -32,10 +32,14 @@ class Gateway:
         self._client = client
         self._timeout = timeout_seconds
 
-    async def versions(self, model: str) -> list[str]:
-        """Every version of `model` the gateway knows (loaded or not)."""
+    async def versions(self, model: str) -> dict[str, str | None]:
+        """Every version of `model` the gateway knows, with the sha256 of its ONNX file (None
+        for a version that is configured but not loaded)."""
         body = await self._call("GET", f"/admin/models/{model}/versions")
-        return [str(v["version"]) for v in body.get("versions", [])]
+        listed = body.get("versions")
+        if not isinstance(listed, list):
+            raise GatewayError(f"GET /admin/models/{model}/versions", 200, "no versions list")
+        return {str(v["version"]): v.get("sha256") for v in listed if isinstance(v, dict)}
 
     async def next_version(self, model: str) -> str:
         """One more than the highest numeric version of `model` ("1" when there is none).

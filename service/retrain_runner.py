@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kdgate.service.cards import load_card
 from kdgate.service.importer import ImportRequest, IncomparablePair, import_pair
 from kdgate.service.retrain_config import CommandJob, DistillJob, RetrainWorkerSettings
 from kdgate.service.retrain_gateway import Gateway, GatewayError
@@ -50,7 +51,15 @@ class JobFailed(Exception):
 
     def __init__(self, stage: str, reason: str) -> None:
         self.stage = stage
+        self.reason = reason
         super().__init__(f"{stage}: {reason}")
+
+
+def card_path(spec: DistillJob | CommandJob, directory: Path, version: str) -> Path:
+    """Where a job in `directory` writes the student card it registers."""
+    if isinstance(spec, DistillJob):
+        return directory / "student" / f"student-v{version}.card.json"
+    return directory / "card" / "student.card.json"
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -217,17 +226,18 @@ class JobRunner:
             card = await self._distill(job, spec, directory, capture, version)
         else:
             card = await self._command(job, spec, directory, capture, version)
-        async with self._stage(job, "register"):
-            await self._gateway.register(job.model, card.resolve(), version)
-            await asyncio.to_thread(self._queue.set_registered, job.seq, version)
-        async with self._stage(job, "rollout"):
-            try:
+        # Recorded before the call: if this process dies during it, the next start removes
+        # the version (when the gateway holds this job's student under it).
+        await asyncio.to_thread(self._queue.set_registered, job.seq, version)
+        try:
+            async with self._stage(job, "register"):
+                await self._gateway.register(job.model, card.resolve(), version)
+            async with self._stage(job, "rollout"):
                 await self._gateway.start_rollout(job.model, version, self._settings.rollout)
-            except GatewayError as exc:
-                removed = await self._remove(job, version)
-                gone = "removed again" if removed else "NOT removed (see the log)"
-                raise JobFailed("rollout", f"{exc}; version {version} {gone}") from None
-            await asyncio.to_thread(self._queue.set_registered, job.seq, None)
+        except JobFailed as exc:
+            cleanup = await self._remove(job, version)
+            raise JobFailed(exc.stage, f"{exc.reason}; version {version} {cleanup}") from None
+        await asyncio.to_thread(self._queue.set_registered, job.seq, None)
         return version
 
     async def _distill(
@@ -252,7 +262,7 @@ class JobRunner:
                 log_path=directory / "train.log",
                 deadline_seconds=spec.deadline_seconds,
             )
-        return out / f"student-v{version}.card.json"
+        return card_path(spec, directory, version)
 
     async def _command(
         self, job: Job, spec: CommandJob, directory: Path, capture: str | None, version: str
@@ -298,19 +308,32 @@ class JobRunner:
                     f"agreement with the teacher on the sample {agreement} is below "
                     f"min_agreement {spec.min_agreement}",
                 )
-        return directory / "card" / "student.card.json"
+        return card_path(spec, directory, version)
 
-    async def _remove(self, job: Job, version: str) -> bool:
+    async def _remove(self, job: Job, version: str) -> str:
+        """Remove `version` if the gateway holds this job's student under it (never another
+        student that took the number meanwhile); returns what happened, for the job's error."""
+        spec = self._settings.models.get(job.model)
+        directory = self._settings.work_dir / "jobs" / job.name
+        card = None if spec is None else card_path(spec, directory, version)
         try:
-            await self._gateway.remove(job.model, version)
+            ours = await asyncio.to_thread(_card_sha256, card)
+            loaded = await self._gateway.versions(job.model)
+            if version not in loaded:
+                outcome = "not loaded"
+            elif ours is None or loaded[version] != ours:
+                outcome = "left alone: the gateway holds another student under it"
+            else:
+                await self._gateway.remove(job.model, version)
+                outcome = "removed again"
         except GatewayError as exc:
-            log.error("%s: version %s of %s could not be removed: %s", job.name, version,
-                      job.model, exc)  # fmt: skip
-            return False
-        with contextlib.suppress(Exception):  # the job row is informative only here
-            await asyncio.to_thread(self._queue.set_registered, job.seq, None)
-        log.warning("%s: version %s of %s removed", job.name, version, job.model)
-        return True
+            outcome = f"NOT removed ({exc}): remove it by hand"
+        level = logging.ERROR if outcome.startswith("NOT") else logging.WARNING
+        log.log(level, "%s: version %s of %s %s", job.name, version, job.model, outcome)
+        if not outcome.startswith("NOT"):
+            with contextlib.suppress(Exception):  # the row is informative only here
+                await asyncio.to_thread(self._queue.set_registered, job.seq, None)
+        return outcome
 
     @contextlib.asynccontextmanager
     async def _stage(self, job: Job, stage: str) -> AsyncIterator[None]:
@@ -323,6 +346,14 @@ class JobRunner:
         except (GatewayError, IncomparablePair, OSError) as exc:
             raise JobFailed(stage, str(exc)) from None
         self._metrics.stage_seconds.labels(stage=stage).observe(time.monotonic() - started)
+
+
+def _card_sha256(card: Path | None) -> str | None:
+    """The sha256 a student card names (None: no readable card)."""
+    try:
+        return None if card is None else load_card(card).sha256
+    except (OSError, ValueError):
+        return None
 
 
 def _write_request(directory: Path, body: str) -> None:
