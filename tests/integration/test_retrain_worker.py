@@ -196,7 +196,7 @@ def test_digits_are_distilled_from_a_capture_mixed_with_the_train_split(tmp_path
     job_config = {"kind": "distill", "teacher_card": str(DIGITS / "teacher.card.json")}
     with live_server(serve_config(tmp_path, models)) as server:
         config = write_worker_config(
-            tmp_path, gateway_url=server.url, models={"digits": {**job_config, "epochs": 60}}
+            tmp_path, gateway_url=server.url, models={"digits": {**job_config, "epochs": 150}}
         )
         with live_worker(config) as worker:
             answer = post_retrain(worker.url, retrain_body("digits", capture), "msg_digits")
@@ -215,4 +215,6 @@ def test_digits_are_distilled_from_a_capture_mixed_with_the_train_split(tmp_path
     )
     test_inverted = (16.0 - split.test.inputs).astype(np.float32)
     assert agreement(student, teacher, split.test.inputs) >= 0.95  # clean inputs still served
-    assert agreement(student, teacher, test_inverted) >= 0.9  # and the drifted ones learnt
+    # Held-out inverted digits: the teacher's answers on inputs it never saw in training are
+    # the hardest to mimic (0.92 measured with 150 epochs; 0.94 with 128 hidden units).
+    assert agreement(student, teacher, test_inverted) >= 0.9

@@ -55,7 +55,7 @@ def test_secrets_come_from_the_environment_and_are_never_shown(
         ({"secret": "changeme"}, "whsec_"),
         ({"secret": "whsec_QUJD"}, "at least 24"),
         ({"gateway": {"url": "http://h:1", "token": "changeme"}}, "placeholder"),
-        ({"gateway": {"url": "ftp://h", "token": TOKEN}}, "http(s) URL"),
+        ({"gateway": {"url": "ftp://h", "token": TOKEN}}, "URL of the gateway"),
         ({"rollout": {"candidate": "9"}}, "set by the worker"),
         ({"models": {"m": {"kind": "shell", "command": ["x"]}}}, "kind"),
         ({"models": {"m": {"kind": "command", "command": [], "teacher": "t"}}}, "at least 1"),
