@@ -38,7 +38,7 @@ from kdgate.service.importer import ImportRequest, IncomparablePair, import_pair
 from kdgate.service.retrain_config import CommandJob, DistillJob, RetrainWorkerSettings
 from kdgate.service.retrain_gateway import Gateway, GatewayError
 from kdgate.service.retrain_metrics import WorkerMetrics
-from kdgate.service.retrain_queue import Job, JobQueue
+from kdgate.service.retrain_queue import Job, JobQueue, Status
 
 log = logging.getLogger("kdgate.retrain")
 
@@ -199,7 +199,7 @@ class JobRunner:
             error = f"unexpected: {type(exc).__name__}: {exc}"
         finally:
             self._metrics.running.dec()
-        outcome = "failed" if error else "succeeded"
+        outcome: Status = "failed" if error else "succeeded"
         try:
             await asyncio.to_thread(self._queue.finish, job.seq, outcome, error)
         except Exception as exc:
