@@ -13,6 +13,7 @@ succeeds and the version stays.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -99,8 +100,8 @@ def check_registered_or_removed(
 
 
 @pytest.fixture
-def tabular(pairs: PairCache, tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer, Path]]:
-    """The tabular pair served (imported as a user would) and a worker for it."""
+def tabular(pairs: PairCache, tmp_path: Path) -> Iterator[tuple[LiveServer, Path]]:
+    """The tabular pair served (imported as a user would) and a worker config for it."""
     pair = pairs.get("tabular")
     served = tmp_path / "served"
     imported = import_pair(
@@ -124,18 +125,29 @@ def tabular(pairs: PairCache, tmp_path: Path) -> Iterator[tuple[LiveServer, Live
         data = yaml.safe_load(config.read_text())
         del data["secret"]  # from the environment, as in production
         config.write_text(yaml.safe_dump(data))
-        with live_worker(config, env={"KDGATE_RETRAIN_SECRET": SECRET}) as worker:
-            yield server, worker, tmp_path / "work" / "jobs"
+        yield server, config
+
+
+def worker_for(config: Path) -> contextlib.AbstractContextManager[LiveServer]:
+    return live_worker(config, env={"KDGATE_RETRAIN_SECRET": SECRET})
+
+
+def assert_no_secret_logged(worker: LiveServer) -> None:
+    assert SECRET not in worker.output() and TOKEN not in worker.output()
 
 
 def test_a_command_trained_student_is_imported_and_registered(
-    tabular: tuple[LiveServer, LiveServer, Path], tmp_path: Path
+    tabular: tuple[LiveServer, Path], tmp_path: Path
 ) -> None:
-    server, worker, jobs = tabular
+    server, config = tabular
+    jobs = tmp_path / "work" / "jobs"
     capture = tmp_path / "capture"
-    answer = post_retrain(worker.url, retrain_body("tabular", capture), "msg_tab_1")
-    assert answer.status_code == 202, answer.text
-    job = wait_finished(worker.url, "msg_tab_1")
+    with worker_for(config) as worker:
+        answer = post_retrain(worker.url, retrain_body("tabular", capture), "msg_tab_1")
+        assert answer.status_code == 202, answer.text
+        job = wait_finished(worker.url, "msg_tab_1")
+        assert_no_secret_logged(worker)
+        assert "job-000001 (model tabular): register" in worker.output()  # a line per stage
 
     directory = jobs / job["job"]
     seen = json.loads((directory / "out" / "seen.json").read_text())
@@ -155,21 +167,29 @@ def test_a_command_trained_student_is_imported_and_registered(
 
 
 def test_a_failing_command_registers_nothing_and_keeps_its_files(
-    tabular: tuple[LiveServer, LiveServer, Path],
+    tabular: tuple[LiveServer, Path], tmp_path: Path
 ) -> None:
-    server, worker, jobs = tabular
+    server, config = tabular
+    jobs = tmp_path / "work" / "jobs"
     body = retrain_body("tabular", make_it_fail=True)
-    assert post_retrain(worker.url, body, "msg_tab_fail").status_code == 202
-    job = wait_finished(worker.url, "msg_tab_fail")
-    assert job["status"] == "failed" and job["stage"] == "train", job
-    assert "exited with 3" in job["error"]
-    assert "training diverged" in (jobs / job["job"] / "command.log").read_text()
-    assert set(versions(server, "tabular")) == {"1"}
-    # The same delivery again (the gateway retrying): acknowledged, not run again.
-    again = post_retrain(worker.url, body, "msg_tab_fail")
-    assert again.status_code == 200 and again.json()["duplicate"] is True
-    metrics = httpx.get(f"{worker.url}/metrics", timeout=10).text
-    assert 'kdgate_retrain_jobs_total{model="tabular",outcome="failed"} 1.0' in metrics
+    with worker_for(config) as worker:
+        assert post_retrain(worker.url, body, "msg_tab_fail").status_code == 202
+        job = wait_finished(worker.url, "msg_tab_fail")
+        assert job["status"] == "failed" and job["stage"] == "train", job
+        assert "exited with 3" in job["error"]
+        assert "training diverged" in (jobs / job["job"] / "command.log").read_text()
+        assert set(versions(server, "tabular")) == {"1"}
+        metrics = httpx.get(f"{worker.url}/metrics", timeout=10).text
+        assert 'kdgate_retrain_jobs_total{model="tabular",outcome="failed"} 1.0' in metrics
+        assert "job-000001 (model tabular) failed at train" in worker.output()
+        assert_no_secret_logged(worker)
+    # A restarted worker still knows the job: the same delivery (the gateway retrying) is
+    # acknowledged, not run again.
+    with worker_for(config) as restarted:
+        again = post_retrain(restarted.url, body, "msg_tab_fail")
+        assert again.status_code == 200 and again.json()["duplicate"] is True
+        (listed,) = httpx.get(f"{restarted.url}/jobs", timeout=10).json()["jobs"]
+        assert listed == {**job, "attempts": 1}
 
 
 def agreement(student: ort.InferenceSession, teacher: ort.InferenceSession, x: Any) -> float:
@@ -185,7 +205,10 @@ def test_digits_are_distilled_from_a_capture_mixed_with_the_train_split(tmp_path
     capture.mkdir()
     inverted = (16.0 - split.train.inputs).astype(np.float32)  # the drift the gateway saw
     (logits,) = teacher.run(None, {"input": inverted})
-    np.savez(capture / "segment-0.npz", inputs=inverted, teacher_logits=logits)
+    # A segment as the gateway's shadow capture writes it (monitoring/capture.py).
+    segment = {"inputs/input": inverted, "teacher_scores": logits}
+    segment["teacher_kind"] = np.str_("logits")
+    np.savez(capture / "segment-0.npz", **segment)  # type: ignore[arg-type]
     models = [
         {
             "name": "digits",
