@@ -25,16 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from kdgate.service.cards import load_card
 from kdgate.service.importer import ImportRequest, IncomparablePair, import_pair
+from kdgate.service.retrain_command import CommandFailed, child_env, run_command
 from kdgate.service.retrain_config import CommandJob, DistillJob, RetrainWorkerSettings
 from kdgate.service.retrain_gateway import Gateway, GatewayError
 from kdgate.service.retrain_metrics import WorkerMetrics
@@ -60,53 +59,6 @@ def card_path(spec: DistillJob | CommandJob, directory: Path, version: str) -> P
     if isinstance(spec, DistillJob):
         return directory / "student" / f"student-v{version}.card.json"
     return directory / "card" / "student.card.json"
-
-
-def child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without KDGATE_* (secrets, and settings meant for us), plus
-    `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KDGATE_")}
-    return {**env, **extra}
-
-
-async def run_command(
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str],
-    cwd: Path,
-    log_path: Path,
-    deadline_seconds: float,
-    stage: str = "train",
-) -> None:
-    """Run `argv` (no shell) with its output in `log_path`; JobFailed on a non-zero exit, a
-    missing program or the deadline (then its whole process group is killed)."""
-    with log_path.open("ab") as output:
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=output,
-                stderr=asyncio.subprocess.STDOUT,
-                env=dict(env),
-                cwd=cwd,
-                start_new_session=True,  # its own group: the kill reaches its children too
-            )
-        except OSError as exc:
-            raise JobFailed(stage, f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
-        try:
-            async with asyncio.timeout(deadline_seconds):
-                code = await process.wait()
-        except BaseException as exc:  # the deadline, or the worker stopping: no orphan left
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-            if isinstance(exc, TimeoutError):
-                raise JobFailed(
-                    stage, f"still running after {deadline_seconds:g} s (deadline_seconds): killed"
-                ) from None
-            raise
-    if code != 0:
-        raise JobFailed(stage, f"{Path(argv[0]).name} exited with {code}; see {log_path}")
 
 
 class JobRunner:
@@ -343,7 +295,7 @@ class JobRunner:
         started = time.monotonic()
         try:
             yield
-        except (GatewayError, IncomparablePair, OSError) as exc:
+        except (CommandFailed, GatewayError, IncomparablePair, OSError) as exc:
             raise JobFailed(stage, str(exc)) from None
         self._metrics.stage_seconds.labels(stage=stage).observe(time.monotonic() - started)
 

@@ -1,6 +1,6 @@
 """The job runner's stages against a recording admin API (httpx.MockTransport): the version
 number, register -> rollout, removal when the rollout cannot start, removal of a version a
-dead process left registered; the user's command with its deadline."""
+dead process left registered."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from kdgate.service.retrain_config import RetrainWorkerSettings, load_worker_set
 from kdgate.service.retrain_gateway import Gateway
 from kdgate.service.retrain_metrics import WorkerMetrics
 from kdgate.service.retrain_queue import JobQueue
-from kdgate.service.retrain_runner import JobFailed, JobRunner, child_env, run_command
+from kdgate.service.retrain_runner import JobRunner
 from tests.support.pairs import PairCache
 from tests.support.retrain_worker import retrain_body, write_worker_config
 
@@ -182,34 +182,3 @@ def test_a_version_left_registered_by_a_dead_process_is_removed_and_the_job_reru
     ]  # the job ran again from the start, under the same number
     job = queue.get(dead.seq)
     assert job is not None and job.status == "succeeded" and job.attempts == 2
-
-
-def test_a_command_past_its_deadline_is_killed(tmp_path: Path) -> None:
-    argv = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
-    log = tmp_path / "command.log"
-    started = time.monotonic()
-    with pytest.raises(JobFailed, match="still running after 1 s"):
-        asyncio.run(
-            run_command(argv, env=child_env({}), cwd=tmp_path, log_path=log, deadline_seconds=1)
-        )
-    assert time.monotonic() - started < 15
-    assert "started" in log.read_text()
-
-
-def test_a_missing_program_or_a_failing_one_is_a_job_failure(tmp_path: Path) -> None:
-    log = tmp_path / "command.log"
-
-    def run(argv: list[str]) -> None:
-        asyncio.run(run_command(argv, env={}, cwd=tmp_path, log_path=log, deadline_seconds=10))
-
-    with pytest.raises(JobFailed, match="cannot run"):
-        run([str(tmp_path / "no-such-program")])
-    with pytest.raises(JobFailed, match="exited with 4"):
-        run([sys.executable, "-c", "import sys; sys.exit(4)"])
-
-
-def test_children_get_no_kdgate_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KDGATE_RETRAIN_SECRET", "whsec_x")
-    monkeypatch.setenv("KDGATE_RETRAIN_GATEWAY__TOKEN", "t")
-    env = child_env({"KDGATE_OUT": "/out"})
-    assert {k for k in env if k.startswith("KDGATE_")} == {"KDGATE_OUT"}
