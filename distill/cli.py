@@ -4,6 +4,7 @@
     kdgate distill --out models/digits --teacher-card models/digits/teacher.card.json \\
         --student-version 2                                  # new student, cached soft labels
     kdgate distill --out models/digits --capture var/capture/ --student-version 2
+    kdgate distill ... --capture var/capture/ --capture-mix train   # capture + train split
 
 Exit status: 0 when the student passed every gate and was written, 1 when the run was rejected
 (parity, gates, unreadable capture or teacher), 2 on bad arguments.
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help=".npz file or directory of (inputs, teacher_logits[, labels]) to train on",
     )
+    p.add_argument(
+        "--capture-mix",
+        choices=["none", "train"],
+        default=_DEFAULT.capture_mix,
+        help="train: add the digits train split (teacher logits) to the capture rows",
+    )
     p.add_argument("--cache-dir", type=Path, help="soft-label cache (default ~/.cache/kdgate)")
     p.add_argument("--threads", type=int, default=_DEFAULT.threads, help="torch threads")
     limits = GateThresholds()
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         teacher_card=args.teacher_card,
         capture=args.capture,
+        capture_mix=args.capture_mix,
         cache_dir=args.cache_dir,
         limits=GateThresholds(
             args.max_accuracy_drop, args.min_agreement, args.max_ece, args.min_size_ratio

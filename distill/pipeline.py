@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +53,10 @@ class DistillConfig:
     teacher: TrainSettings = field(default_factory=lambda: TrainSettings(30, learning_rate=3e-3))
     teacher_card: Path | None = None
     capture: Path | None = None
+    # "train": the capture rows plus the digits train split with the teacher's logits for it,
+    # so a student retrained on drifted traffic still serves clean inputs; "none": the capture
+    # alone.
+    capture_mix: Literal["none", "train"] = "none"
     cache_dir: Path | None = None
     limits: gates.GateThresholds = field(default_factory=gates.GateThresholds)
     parity_tolerance: float = export.PARITY_TOLERANCE
@@ -143,7 +147,7 @@ def run(config: DistillConfig) -> DistillResult:
                 "seed": config.seed,
                 "optimizer": "Adam, cosine learning-rate decay",
                 **asdict(config.student),
-                "training_data": "capture" if config.capture else "digits train split",
+                "training_data": _training_data(config),
             },
             metrics=_figures(
                 student_session,
@@ -226,7 +230,7 @@ def _training_set(
 ) -> tuple[Array, Array, npt.NDArray[np.int64], bool, dict[str, Any]]:
     """(inputs, teacher logits, labels or -1, soft labels came from the cache, card dataset)."""
     dataset = split.describe()
-    if config.capture is not None:
+    if config.capture is not None and config.capture_mix == "none":
         cap = load_capture(config.capture)
         dataset["training"] = cap.describe()
         return cap.inputs, cap.teacher_logits, cap.labels, False, dataset
@@ -235,7 +239,24 @@ def _training_set(
     logits, cached = teacher_logits(
         cache, key, lambda x: export.run(teacher, x), split.train.inputs
     )
-    return split.train.inputs, logits, split.train.labels, cached, dataset
+    if config.capture is None:
+        return split.train.inputs, logits, split.train.labels, cached, dataset
+    cap = load_capture(config.capture)
+    dataset["training"] = {**cap.describe(), "mixed_with": "train split"}
+    return (
+        np.concatenate([split.train.inputs, cap.inputs]),
+        np.concatenate([logits, cap.teacher_logits]),
+        np.concatenate([split.train.labels, cap.labels]),
+        cached,
+        dataset,
+    )
+
+
+def _training_data(config: DistillConfig) -> str:
+    """What the student was trained on, in words, for its card."""
+    if config.capture is None:
+        return "digits train split"
+    return "capture + digits train split" if config.capture_mix == "train" else "capture"
 
 
 def _figures(

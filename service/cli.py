@@ -6,6 +6,7 @@
                                      cards, figures, drift reference and config for a pair
     kdgate rules | loadgen           Prometheus rules from `slo:`; send test traffic
     kdgate distill                   train a student (the `train` extra; distill/, loaded lazily)
+    kdgate retrain-worker [--config FILE]  answer the retrain webhook: retrain, register, roll out
 
 Operator mistakes end in one line on stderr and exit code 2 (argparse's usage-error code): a bad
 config names its file, key path and reason (service/configcheck.py), a missing optional part
@@ -175,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("rules", help="render Prometheus SLO rules from `slo:`", add_help=False)
     commands.add_parser("loadgen", help="send digits traffic, optionally drifted", add_help=False)
+    commands.add_parser(
+        "retrain-worker",
+        help="receive the retrain webhook; retrain, register and roll out",
+        add_help=False,
+    )
     return parser
 
 
@@ -200,6 +206,9 @@ def _dispatch(args_list: list[str]) -> int:
         "distill": lambda rest: importlib.import_module("kdgate.distill.cli").main(rest),
         "rules": rules,
         "loadgen": lambda rest: importlib.import_module("kdgate.service.loadgen").main(rest),
+        "retrain-worker": lambda rest: importlib.import_module("kdgate.service.retrain_app").main(
+            rest
+        ),
     }
     if args_list[:1] and args_list[0] in delegated:
         return int(delegated[args_list[0]](args_list[1:]) or 0)

@@ -67,7 +67,7 @@ def test_help_describes_the_command_without_internal_notes() -> None:
     assert result.returncode == 0
     assert "knowledge-distilled" in result.stdout
     assert "join as further subcommands" not in result.stdout
-    for command in ("serve", "config", "rules", "distill", "loadgen"):
+    for command in ("serve", "config", "rules", "distill", "loadgen", "retrain-worker"):
         assert command in result.stdout
 
 

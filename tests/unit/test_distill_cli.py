@@ -69,3 +69,22 @@ def test_python_dash_m_distill() -> None:
     )
     assert done.returncode == 0
     assert "--capture" in done.stdout and "--student-version" in done.stdout
+
+
+def test_capture_mix_train_adds_the_train_split_to_the_capture(tmp_path: Path) -> None:
+    split = load_split(0)
+    inverted = (16.0 - split.train.inputs[:100]).astype(np.float32)
+    teacher = session(MODELS / "teacher.onnx")
+    np.savez(tmp_path / "capture.npz", inputs=inverted, teacher_logits=run(teacher, inverted))
+    argv = ["--out", str(tmp_path / "out"), "--capture", str(tmp_path / "capture.npz")]
+    argv += ["--teacher-card", str(MODELS / "teacher.card.json"), "--capture-mix", "train"]
+    argv += ["--epochs", "2", "--cache-dir", str(tmp_path / "cache"), "--student-version", "3"]
+    loose = ["--min-agreement", "0", "--max-accuracy-drop", "1", "--max-ece", "1"]
+    assert main([*argv, *loose]) == 0
+    card = load_card(tmp_path / "out" / "student-v3.card.json")
+    assert card.hyperparameters["training_data"] == "capture + digits train split"
+    training = card.dataset["training"]
+    assert training["mixed_with"] == "train split"
+    assert training["sizes"]["train"] == 100  # the capture's rows; the split's are in `sizes`
+    assert card.dataset["sizes"]["train"] == len(split.train)
+    assert (tmp_path / "cache").is_dir()  # the teacher ran on the train split (soft labels)
