@@ -122,12 +122,12 @@ class RolloutEvidence:
             log.exception("rollout evidence of %s: a shadow batch was not compared", self.model)
 
     def attach_labels(self, request_id: str, labels: NDArray[np.int64]) -> None:
-        """Labels from the feedback API: a single-row request's label joins its paired row."""
+        """Labels from the feedback API (one per row of the request) join its paired rows."""
         pair = self._pair
-        if pair is None or len(labels) != 1:
+        if pair is None:
             return
         try:
-            pair.window.attach_label(request_id, int(labels[0]))
+            pair.window.attach_label(request_id, [int(label) for label in labels])
         except Exception:  # the feedback answer must not fail for the rollout's sake
             log.exception("rollout evidence of %s: a label was not attached", self.model)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -129,7 +128,7 @@ class Rollouts:
         step = self._steps.get(model)
         if step is not None and step.analysis is not None and step.key == _key(record):
             answer["analysis"] = {
-                **analysis_json(step.analysis),
+                **step.analysis.to_json(),
                 "at": step.at,
                 "elapsed_seconds": round(time.monotonic() - step.since, 3),
             }
@@ -292,7 +291,7 @@ class Rollouts:
         step.at = self._clock()
         if analysis.decision == "wait":
             return
-        figures = analysis_json(analysis)
+        figures = analysis.to_json()
         if analysis.decision == "fail":
             changes: dict[str, Any] = {"state": "rolled_back", "weight": 0}
             action, event = "rollout.rollback", "rollout.rolled_back"
@@ -495,22 +494,6 @@ class _Export(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self._rollouts.export()
-
-
-def analysis_json(analysis: Analysis) -> dict[str, Any]:
-    """An analysis as JSON: non-finite figures (an interval not known yet) become null."""
-    return {
-        "decision": analysis.decision,
-        "samples": analysis.samples,
-        "reason": analysis.reason,
-        "checks": [{k: _finite(v) for k, v in c._asdict().items()} for c in analysis.checks],
-    }
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _key(record: RolloutRecord) -> tuple[float, int, float]:
