@@ -56,6 +56,28 @@ TICK_SECONDS = 1.0
 DRIVER = Caller("kdgate", "rollout driver")
 CONFIG = Caller("kdgate", "config (models[].rollout.candidate)")
 STATES: tuple[str, ...] = get_args(RolloutState)
+FIGURES = ("candidate", "incumbent", "difference", "low", "high")
+# The rollout gauges (name -> label names, help), exported at scrape time by `Rollouts.export`.
+SERIES: dict[str, tuple[tuple[str, ...], str]] = {
+    "kdgate_rollout_step": (
+        ("model", "candidate"),
+        "Index of the current step of a model's latest rollout (0 = first).",
+    ),
+    "kdgate_rollout_state": (
+        ("model", "state"),
+        "1 for the state of a model's latest rollout (running, paused, promoted, rolled_back, "
+        "aborted), 0 for the others.",
+    ),
+    "kdgate_rollout_samples": (
+        ("model",),
+        "Paired rows in the current step's window (exported by the process driving it).",
+    ),
+    "kdgate_rollout_check": (
+        ("model", "check", "figure"),
+        "The current step's analysis per check: the candidate's and the incumbent's figure, "
+        "their difference and its interval (low, high); figure is one of those names.",
+    ),
+}
 
 
 @dataclass
@@ -448,31 +470,14 @@ class Rollouts:
         return _Export(self)
 
     def export(self) -> list[Metric]:
-        step = GaugeMetricFamily(
-            "kdgate_rollout_step",
-            "Index of the current step of a model's latest rollout (0 = first).",
-            labels=["model", "candidate"],
-        )
-        state = GaugeMetricFamily(
-            "kdgate_rollout_state",
-            "1 for the state a model's latest rollout is in (running, paused, promoted, "
-            "rolled_back, aborted), 0 for the others.",
-            labels=["model", "state"],
-        )
-        samples = GaugeMetricFamily(
-            "kdgate_rollout_samples",
-            "Paired rows in the current step's window (the process that drives the rollout).",
-            labels=["model"],
-        )
-        check = GaugeMetricFamily(
-            "kdgate_rollout_check",
-            "The current step's analysis: per check, the candidate's and the incumbent's figure, "
-            "their difference and its confidence interval (low, high).",
-            labels=["model", "check", "figure"],
-        )
+        families = {
+            name: GaugeMetricFamily(name, help_text, labels=list(labels))
+            for name, (labels, help_text) in SERIES.items()
+        }
+        step, state, samples, check = families.values()
         for model in self._config:
-            record = self.control.document.models.get(model)
-            rollout = record.rollout if record is not None else None
+            entry = self.control.document.models.get(model)
+            rollout = entry.rollout if entry is not None else None
             if rollout is None:
                 continue
             step.add_metric([model, rollout.candidate], rollout.step)
@@ -483,9 +488,9 @@ class Rollouts:
                 continue
             samples.add_metric([model], current.analysis.samples)
             for c in current.analysis.checks:
-                for figure in ("candidate", "incumbent", "difference", "low", "high"):
+                for figure in FIGURES:
                     check.add_metric([model, c.name, figure], float(getattr(c, figure)))
-        return [step, state, samples, check]
+        return list(families.values())
 
 
 class _Export(Collector):
