@@ -279,7 +279,13 @@ class Rollouts:
                 continue
             await self._evaluate(model, record)
 
-    async def _evaluate(self, model: str, record: RolloutRecord) -> None:
+    def _collect(self, model: str, record: RolloutRecord | None) -> _Step | None:
+        """The evidence of `record`'s current step, gathered from now on if it was not yet
+        (None unless it is running). Called at once after a change, so no shadowed request
+        between the change and the next tick goes uncompared."""
+        if record is None or record.state != "running":
+            self._unwatch({model})
+            return None
         step = self._steps.get(model)
         if step is None or step.key != _key(record):
             step = self._steps[model] = _Step(_key(record), PairedWindow(), time.monotonic())
@@ -293,6 +299,16 @@ class Rollouts:
                 record.step,
                 record.weight,
             )
+        return step
+
+    def _changed(self, model: str, entry: TrafficEntry) -> None:
+        """After a change this process made: collect for the new step at once if it drives."""
+        if self._lock.held:
+            self._collect(model, entry.rollout)
+
+    async def _evaluate(self, model: str, record: RolloutRecord) -> None:
+        step = self._collect(model, record)
+        assert step is not None  # the record is running
         spec = record.steps[record.step]
         loaded = self.control.state.router(model).variants
         missing = [v for v in (record.candidate, record.incumbent) if v not in loaded]
@@ -418,7 +434,9 @@ class Rollouts:
             return changed
 
         # The audit line is written by change_entry once the change is applied.
-        return await self.control.change_entry(model, audited, caller, action, captured)
+        entry = await self.control.change_entry(model, audited, caller, action, captured)
+        self._changed(model, entry)
+        return entry
 
     def _event(
         self,

@@ -96,9 +96,9 @@ async def test_refusals_pause_resume_abort_and_the_weight_lock(
         "increase": {"candidate": "2", "steps": [5, 5, 100]},
         "last step must have weight 100": {"candidate": "2", "steps": ["dark", 50]},
         "confidence": {"candidate": "2", "criteria": {"confidence": 2}},
-        "extra": {"candidate": "2", "criteria": {"nonsense": 1}},
+        "nonsense": {"candidate": "2", "criteria": {"nonsense": 1}},
         "unknown key": {"candidate": "2", "steps": [{"weight": 100, "speed": 3}]},
-        "candidate": {"candidate": "2", "colour": "red"},
+        "colour": {"candidate": "2", "colour": "red"},
         "already serves": {"candidate": "1"},
     }
     for needle, bad in bad_bodies.items():
