@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -70,12 +71,13 @@ SERIES: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "kdgate_rollout_samples": (
         ("model",),
-        "Paired rows in the current step's window (exported by the process driving it).",
+        "Paired rows the latest analysis rested on (the current step's window, else the last "
+        "transition's).",
     ),
     "kdgate_rollout_check": (
         ("model", "check", "figure"),
-        "The current step's analysis per check: the candidate's and the incumbent's figure, "
-        "their difference and its interval (low, high); figure is one of those names.",
+        "The latest analysis per check (the current step's, else the last transition's): the "
+        "candidate's and the incumbent's figure, their difference and its interval (low, high).",
     ),
 }
 
@@ -501,13 +503,19 @@ class Rollouts:
             step.add_metric([model, rollout.candidate], rollout.step)
             for name in STATES:
                 state.add_metric([model, name], float(rollout.state == name))
+            # The live analysis of the step, else the one of the last transition.
             current = self._steps.get(model)
-            if current is None or current.analysis is None:
+            analysis = current.analysis if current is not None else None
+            figures = analysis.to_json() if analysis is not None else rollout.analysis
+            if not figures:
                 continue
-            samples.add_metric([model], current.analysis.samples)
-            for c in current.analysis.checks:
+            samples.add_metric([model], figures["samples"])
+            for c in figures["checks"]:
                 for figure in FIGURES:
-                    check.add_metric([model, c.name, figure], float(getattr(c, figure)))
+                    value = c[figure]
+                    check.add_metric(
+                        [model, c["name"], figure], math.nan if value is None else value
+                    )
         return list(families.values())
 
 

@@ -200,7 +200,7 @@ async def test_a_low_rate_waits_and_never_advances(
     assert agreement["difference"] == 0.0
     metrics = (await admin.get("/metrics")).text
     assert f'kdgate_rollout_samples{{model="{MODEL}"}} 20.0' in metrics
-    assert f'kdgate_rollout_step{{model="{MODEL}",candidate="2"}} 0.0' in metrics
+    assert f'kdgate_rollout_step{{candidate="2",model="{MODEL}"}} 0.0' in metrics
 
 
 async def test_the_config_starts_a_rollout_once(made: RolloutPair, tmp_path: Path) -> None:

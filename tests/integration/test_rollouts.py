@@ -143,7 +143,7 @@ def test_a_candidate_as_good_as_the_incumbent_is_promoted(
     agreement = next(c for c in promoted["checks"] if c["name"] == "agreement")
     assert agreement["difference"] == 0.0 and agreement["outcome"] == "pass"
     assert 'kdgate_rollout_state{model="tabular",state="promoted"} 1.0' in metrics
-    assert 'kdgate_rollout_check{model="tabular",check="agreement",figure="difference"}' in metrics
+    assert 'kdgate_rollout_check{check="agreement",figure="difference",model="tabular"}' in metrics
     for action in ("rollout.start", "rollout.step", "rollout.promote"):
         assert f'"action":"{action}"' in output
 
