@@ -316,8 +316,7 @@ class Rollouts:
         missing = [v for v in (record.candidate, record.incumbent) if v not in loaded]
         if missing:  # e.g. its card went missing: nothing can be compared, so nothing passes
             why = self.control.state.not_loaded[model].get(missing[0], "not in the routing")
-            reason = f"version {missing[0]!r} is not loaded: {why}"
-            step.analysis = Analysis("fail", 0, [], reason)
+            step.analysis = Analysis("fail", 0, [], f"version {missing[0]!r} is not loaded: {why}")
         else:
             step.analysis = analyse(
                 step.window,
@@ -332,6 +331,7 @@ class Rollouts:
         if analysis.decision == "wait":
             return
         figures = analysis.to_json()
+        reason: str | None
         if analysis.decision == "fail":
             changes: dict[str, Any] = {"state": "rolled_back", "weight": 0}
             action, event = "rollout.rollback", "rollout.rolled_back"

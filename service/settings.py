@@ -263,6 +263,7 @@ class TrafficSettings(_Section):
 
 # A step of `models[].rollout.steps`: "dark", a candidate weight, or an object (StepSpec fields).
 RawStep = str | int | dict[str, Any]
+DEFAULT_STEPS: tuple[RawStep, ...] = ("dark", 5, 25, 100)
 
 
 class RolloutSettings(_Section):
@@ -272,11 +273,12 @@ class RolloutSettings(_Section):
     it, in any state)."""
 
     candidate: str | None = None
-    steps: list[RawStep] = Field(default_factory=lambda: ["dark", 5, 25, 100])
+    steps: list[RawStep] = Field(default_factory=lambda: list(DEFAULT_STEPS))
     min_samples: int = Field(default=500, ge=1, description="paired rows a step needs at least")
     min_seconds: float = Field(default=60.0, ge=0.0, description="the least a step lasts")
     max_seconds: float = Field(default=1800.0, gt=0.0, description="then an undecided step fails")
-    criteria: Criteria = Field(default_factory=Criteria)
+    # Frozen, so one shared default is safe (validated: its fields' defaults are positional).
+    criteria: Criteria = Criteria.model_validate({})
 
     @model_validator(mode="after")
     def _steps_parse(self) -> Self:

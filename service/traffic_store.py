@@ -61,7 +61,8 @@ class RolloutRecord(BaseModel):
     candidate: str = Field(min_length=1)
     incumbent: str = Field(min_length=1)
     steps: list[StepSpec] = Field(min_length=1)
-    criteria: Criteria = Field(default_factory=Criteria)
+    # Frozen, so one shared default is safe (validated: its fields' defaults are positional).
+    criteria: Criteria = Criteria.model_validate({})
     step: int = Field(default=0, ge=0)
     state: RolloutState = "running"
     started_at: float
