@@ -268,6 +268,10 @@ class Rollouts:
 
     async def tick(self) -> None:
         """One evaluation of every model's rollout (only in the process that drives them)."""
+        pending = {m for m, c in self._config.items() if c.rollout.candidate is not None}
+        running = {m for m in self._config if _running(self.control.entry(m).rollout)}
+        if not (pending - self._configured or running or self._lock.held):
+            return  # nothing to drive: not even the lock file is made
         if not self.drives():
             self._unwatch(set(self._steps))
             return
@@ -305,7 +309,7 @@ class Rollouts:
 
     def _changed(self, model: str, entry: TrafficEntry) -> None:
         """After a change this process made: collect for the new step at once if it drives."""
-        if self._lock.held:
+        if self.drives():
             self._collect(model, entry.rollout)
 
     async def _evaluate(self, model: str, record: RolloutRecord) -> None:
@@ -525,6 +529,10 @@ class _Export(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self._rollouts.export()
+
+
+def _running(record: RolloutRecord | None) -> bool:
+    return record is not None and record.state == "running"
 
 
 def _key(record: RolloutRecord) -> tuple[float, int, float]:
