@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import onnxruntime as ort
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from scipy.special import softmax
 
 from kdgate.service.app import create_app
 from kdgate.service.settings import load_settings
 from tests.support.asgi import running
+from tests.support.fidelity_reference import brute_force_ece
 from tests.support.pairs import PairCache
 from tests.support.rollouts import (
     AUTH,
@@ -29,8 +33,10 @@ from tests.support.rollouts import (
     TRAFFIC,
     VERSIONS,
     RolloutPair,
+    infer_inputs,
     infer_rows,
     tabular_rollout,
+    text_rollout,
     write_rollout_config,
 )
 
@@ -232,3 +238,45 @@ async def test_the_config_starts_a_rollout_once(made: RolloutPair, tmp_path: Pat
         await asyncio.sleep(1.5)
         ended = await rollout_of(client)
         assert ended is not None and ended["state"] == "aborted"  # not started again
+
+
+async def test_a_two_input_model_pairs_every_row_and_labels_join_them(
+    pairs: PairCache, tmp_path: Path
+) -> None:
+    made = text_rollout(pairs, tmp_path)  # input_ids + attention_mask (INT64), logits
+    config = write_rollout_config(tmp_path, made)
+    rollout, versions = "/admin/models/text/rollout", "/admin/models/text/versions"
+    held = [{"weight": 0, "min_samples": 10**6, "min_seconds": 0, "max_seconds": 600}, 100]
+    async with running(create_app(load_settings(config), registry=CollectorRegistry())) as client:
+        card = {"card": str(made.student_card), "version": "2"}
+        assert (await client.post(versions, json=card, headers=AUTH)).status_code == 201
+        body = {"candidate": "2", "steps": held, "criteria": {"min_labels": 12}}
+        assert (await client.post(rollout, json=body, headers=AUTH)).status_code == 201
+        for n in range(6):
+            inputs = {name: array[2 * n : 2 * n + 2] for name, array in made.inputs.items()}
+            answer = await client.post("/v2/models/text/infer", json=infer_inputs(inputs, f"t-{n}"))
+            assert answer.status_code == 200, answer.text
+
+        async def checks(name: str | None = None) -> dict[str, Any] | None:
+            analysis = (await client.get(rollout, headers=AUTH)).json().get("analysis") or {}
+            found = {c["name"]: c for c in analysis.get("checks", [])}
+            ready = analysis.get("samples") == 12 and (name is None or name in found)
+            return found if ready else None
+
+        before = await until(checks)
+        assert before and "label_ece" not in before  # no labels yet: no label check
+        labels = [
+            {"id": f"t-{n}", "label": made.labels[2 * n : 2 * n + 2].tolist()} for n in range(6)
+        ]
+        joined = await client.post("/v2/models/text/feedback", json=labels)
+        assert joined.json()["accepted"] == 6, joined.text
+        after = await until(lambda: checks("label_ece"))
+        assert after, "the labels never reached the rollout's window"
+    label_ece = after["label_ece"]
+    session = ort.InferenceSession(str(made.pair.student), providers=["CPUExecutionProvider"])
+    rows = {name: array[:12] for name, array in made.inputs.items()}
+    probs = softmax(np.asarray(session.run(["logits"], rows)[0], np.float64), axis=1)
+    expected = brute_force_ece(probs, made.labels[:12])
+    assert label_ece["candidate"] == pytest.approx(expected, abs=1e-6)
+    assert label_ece["incumbent"] == pytest.approx(expected, abs=1e-6)
+    assert label_ece["difference"] == pytest.approx(0.0, abs=1e-9)

@@ -1,8 +1,10 @@
-"""Rollout test fixtures on the tabular pair (scikit-learn, `probabilities` output), not digits.
+"""Rollout test fixtures on pairs other than digits: the tabular pair (scikit-learn,
+`probabilities` output) and the text pair (two INT64 inputs, logits).
 
     made = tabular_rollout(pairs, tmp_path)      # imported pair + a bad candidate's card
     config = write_rollout_config(tmp_path, made, webhook_url=..., secret=...)
     body = infer_rows(made.rows[:2], request_id="r-1")
+    body = infer_inputs({name: array[:1] for name, array in made.inputs.items()}, "r-2")
 
 The bad candidate is the same logistic-regression student with its classes shifted by one
 (coefficient rows and intercepts rotated): the same signature and the same confidence, but every
@@ -40,9 +42,15 @@ class RolloutPair:
     directory: Path
     student_card: Path
     teacher_card: Path
-    bad_card: Path
-    rows: np.ndarray  # sample inputs [N, 12] FP32
+    bad_card: Path | None
+    inputs: dict[str, np.ndarray]  # the sample's inputs by name
     labels: np.ndarray
+    model: str = MODEL
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The tabular sample's rows [N, 12] FP32."""
+        return self.inputs[TABLE_INPUT]
 
 
 def shifted_classes(student: Path, out: Path) -> Path:
@@ -89,17 +97,35 @@ def tabular_rollout(pairs: PairCache, directory: Path) -> RolloutPair:
             output_kind="probabilities",
         )
     )
-    with np.load(pair.sample) as sample:
-        rows, labels = sample[TABLE_INPUT].astype(np.float32), sample["labels"]
+    inputs, labels = _sample(pair)
     return RolloutPair(
         pair,
         good,
         good / "student.card.json",
         good / "teacher.card.json",
         bad / "student.card.json",
-        rows,
+        inputs,
         labels,
     )
+
+
+def text_rollout(pairs: PairCache, directory: Path) -> RolloutPair:
+    """Import the text pair (input_ids + attention_mask) as model `text` into `directory`."""
+    pair = pairs.get("text")
+    out = directory / "text"
+    import_pair(
+        ImportRequest(
+            teacher=pair.teacher, student=pair.student, name="text", out=out, sample=pair.sample
+        )
+    )
+    inputs, labels = _sample(pair)
+    card, teacher = out / "student.card.json", out / "teacher.card.json"
+    return RolloutPair(pair, out, card, teacher, None, inputs, labels, model="text")
+
+
+def _sample(pair: Pair) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    with np.load(pair.sample) as sample:
+        return {name: sample[name] for name in pair.inputs}, sample["labels"]
 
 
 def write_rollout_config(
@@ -113,7 +139,7 @@ def write_rollout_config(
     """v1 of the tabular pair, every request shadowed, the admin API on, no SLO breaches (the
     figures of these tests are the rollout's), drift off; `rollout`: `models[0].rollout`."""
     model: dict[str, Any] = {
-        "name": MODEL,
+        "name": made.model,
         "students": [{"version": "1", "card": str(made.student_card)}],
         "teacher": {"card": str(made.teacher_card)},
         "traffic": {"shadow_fraction": 1.0},
@@ -143,14 +169,21 @@ def write_rollout_config(
 
 def infer_rows(rows: np.ndarray, request_id: str) -> dict[str, Any]:
     """A V2 JSON request for the tabular signature."""
+    return infer_inputs({TABLE_INPUT: rows.astype(np.float32)}, request_id)
+
+
+def infer_inputs(inputs: dict[str, np.ndarray], request_id: str) -> dict[str, Any]:
+    """A V2 JSON request with every input by name (FP32 or INT64 arrays)."""
+    datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
     return {
         "id": request_id,
         "inputs": [
             {
-                "name": TABLE_INPUT,
-                "shape": list(rows.shape),
-                "datatype": "FP32",
-                "data": rows.ravel().tolist(),
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": datatypes[array.dtype],
+                "data": array.ravel().tolist(),
             }
+            for name, array in inputs.items()
         ],
     }
