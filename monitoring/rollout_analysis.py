@@ -36,9 +36,9 @@ past `max_seconds` anything still waiting fails it as inconclusive.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-from collections import deque
 from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any, Literal, NamedTuple
@@ -88,15 +88,10 @@ class StepDefaults(BaseModel):
     max_seconds: float = Field(1800.0, gt=0.0)
 
 
-class StepSpec(BaseModel):
+class StepSpec(StepDefaults):
     """One rollout step: the candidate's traffic `weight` (0 = dark) and its evidence bounds."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     weight: int = Field(ge=0, le=100)
-    min_samples: int = Field(500, ge=1)
-    min_seconds: float = Field(60.0, ge=0.0)
-    max_seconds: float = Field(1800.0, gt=0.0)
 
     @model_validator(mode="after")
     def _bounds(self) -> StepSpec:
@@ -108,7 +103,7 @@ class StepSpec(BaseModel):
 
     @property
     def label(self) -> str:
-        """ "dark" or the weight as a percentage."""
+        """The step's name: dark, or the weight as a percentage (25%)."""
         return "dark" if self.weight == 0 else f"{self.weight}%"
 
 
@@ -156,7 +151,7 @@ def _defaults(defaults: object) -> dict[str, Any]:
 def _step(i: int, item: object, base: dict[str, Any]) -> StepSpec:
     if isinstance(item, StepSpec):
         return item
-    if item == "dark":
+    if isinstance(item, str) and item == "dark":
         fields: dict[str, Any] = {"weight": 0}
     elif isinstance(item, int) and not isinstance(item, bool):
         fields = {"weight": item}
@@ -191,15 +186,18 @@ def _step(i: int, item: object, base: dict[str, Any]) -> StepSpec:
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(map(str, err["loc"]))
-    return f"{where}: {err['msg']}" if where else str(err["msg"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
 
 
 class PairedWindow:
     """Bounded ring buffers of paired rows (the newest `capacity`) and per-request latencies.
 
-    Appends are O(rows) numpy stores plus one dict entry per request id; memory is fixed at
-    construction. Thread-safe: the shadow worker appends while the rollout driver analyses.
-    A window holds classification or regression rows, fixed by `kind` or the first add.
+    An append is a few numpy stores plus one dict entry per request: ~25 µs for a 64-row batch,
+    ~17 µs for one row, so the shadow worker can feed it per batch. The rings are fixed at
+    construction; the id index holds at most 2 * capacity entries. Thread-safe: the shadow
+    worker appends while the rollout driver analyses. A window holds classification or
+    regression rows, fixed by `kind` or by the first add.
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, *, kind: WindowKind | None = None) -> None:
@@ -215,9 +213,8 @@ class PairedWindow:
         self._latency = np.zeros((2, capacity), np.float64)
         self._latencies = [0, 0]
         self._written = 0  # rows ever appended since clear(); the ring holds the newest
-        # hash(request id) -> absolute row number of its first row; pruned as rows leave.
+        # hash(request id) -> absolute row number of its first row (may be evicted by now).
         self._index: dict[int, int] = {}
-        self._order: deque[tuple[int, int]] = deque()
 
     @property
     def samples(self) -> int:
@@ -289,8 +286,8 @@ class PairedWindow:
             return False
         h = hash(request_id)
         with self._lock:
-            start = self._index.get(h)
-            if self.kind != "classification" or start is None:
+            start = self._index.get(h, -1)
+            if self.kind != "classification" or start < self._written - self.capacity:
                 return False
             rows = self._rows_of(h, start)
             if len(rows) != len(labels):
@@ -304,19 +301,18 @@ class PairedWindow:
             self._written = 0
             self._latencies = [0, 0]
             self._index.clear()
-            self._order.clear()
             self.kind = self._fixed_kind
 
     def snapshot(self) -> WindowSnapshot:
         """A consistent copy of the rows held, oldest first."""
+        cap = self.capacity
         with self._lock:
-            n = self.samples
-            order = np.arange(self._written - n, self._written) % self.capacity
-            lat = [
-                self._latency[s, : min(self._latencies[s], self.capacity)].copy() for s in (0, 1)
-            ]
             return WindowSnapshot(
-                self.kind, self._int[:, order], self._float[:, order], lat[0], lat[1]
+                self.kind,
+                _in_order(self._int, self._written, cap),
+                _in_order(self._float, self._written, cap),
+                _in_order(self._latency[0], self._latencies[0], cap),
+                _in_order(self._latency[1], self._latencies[1], cap),
             )
 
     def _append(
@@ -332,42 +328,33 @@ class PairedWindow:
         ids = [request_ids] * n if isinstance(request_ids, str) else list(request_ids)
         if len(ids) != n:
             raise ValueError(f"{len(ids)} request ids for {n} rows")
+        hashes = np.fromiter(map(hash, ids), np.int64, n)
+        # The first row of each request (a multi-row request repeats its id on its rows).
+        first = np.ones(n, bool)
+        np.not_equal(hashes[1:], hashes[:-1], out=first[1:])
+        firsts = np.flatnonzero(first)
+        keep = slice(max(0, n - self.capacity), n)  # more rows than capacity: the newest
         with self._lock:
             if self.kind is None:
                 self.kind = kind
             elif self.kind != kind:
                 raise ValueError(f"a {self.kind} window cannot take {kind} rows")
-            hashes = self._index_ids(ids)
-            keep = slice(max(0, n - self.capacity), n)  # more rows than capacity: the newest
             slots = np.arange(self._written + keep.start, self._written + n) % self.capacity
             for row, col in enumerate(ints):
                 self._int[row, slots] = col[keep]
             self._int[3, slots] = -1
-            for row, col in enumerate(floats):
-                self._float[row, slots] = col[keep]
+            for row, values in enumerate(floats):
+                self._float[row, slots] = values[keep]
             self._row_id[slots] = hashes[keep]
+            self._index.update(
+                zip(hashes[firsts].tolist(), (firsts + self._written).tolist(), strict=True)
+            )
             self._written += n
-            self._prune()
-
-    def _index_ids(self, ids: list[str]) -> NDArray[np.int64]:
-        hashes: list[int] = []
-        previous: str | None = None
-        h = 0
-        for i, rid in enumerate(ids):
-            if rid != previous:
-                h, previous = hash(rid), rid
-                self._index[h] = self._written + i
-                self._order.append((self._written + i, h))
-            hashes.append(h)
-        return np.array(hashes, np.int64)
-
-    def _prune(self) -> None:
-        oldest = self._written - self.capacity
-        order, index = self._order, self._index
-        while order and order[0][0] < oldest:
-            start, h = order.popleft()
-            if index.get(h) == start:
-                del index[h]
+            if len(self._index) > 2 * self.capacity:
+                # Ids of rows that left the ring, dropped in bulk: amortised O(1) per request,
+                # and the index never holds more than twice the ring's rows.
+                oldest = self._written - self.capacity
+                self._index = {h: at for h, at in self._index.items() if at >= oldest}
 
     def _rows_of(self, h: int, start: int) -> list[int]:
         # A request's rows are consecutive, from `start` to the first row of another id.
@@ -378,6 +365,14 @@ class PairedWindow:
                 break
             rows.append(slot)
         return rows
+
+
+def _in_order(ring: NDArray[Any], written: int, capacity: int) -> NDArray[Any]:
+    # The entries a ring (along its last axis) holds after `written` appends, oldest first.
+    if written <= capacity:
+        return ring[..., :written].copy()
+    start = written % capacity
+    return np.concatenate((ring[..., start:], ring[..., :start]), axis=-1)
 
 
 class WindowSnapshot(NamedTuple):
@@ -483,30 +478,37 @@ def ece_difference(
         return ece_c, ece_i, Interval(ece_c - ece_i, math.nan, math.nan)
     bins = fidelity.CALIBRATION_BINS
     blocks = min(n, BOOTSTRAP_BLOCKS)
-    size = blocks * bins
     block = np.arange(n) % blocks
-    sums: list[NDArray[Any]] = []  # per (block, bin): samples, confidence, correct of each side
-    for conf, hit in sides:
-        cell = block * bins + fidelity.bin_index(conf)
-        sums += [
-            np.bincount(cell, minlength=size).astype(np.float64),
-            np.bincount(cell, weights=conf, minlength=size),
-            np.bincount(cell, weights=hit, minlength=size),
-        ]
-    per_block = np.stack(sums).reshape(6, blocks, bins).transpose(1, 0, 2).reshape(blocks, -1)
+    # Per block: each side's per-bin sum of (correct - confidence), and its row count; ECE is
+    # sum_bin |that sum| / rows, and both versions share the rows (paired).
+    columns = [
+        np.bincount(
+            block * bins + fidelity.bin_index(conf), weights=hit - conf, minlength=blocks * bins
+        ).reshape(blocks, bins)
+        for conf, hit in sides
+    ]
+    per_block = np.hstack((*columns, np.bincount(block, minlength=blocks)[:, None]))
+    # einsum's own loop rather than BLAS: a threaded GEMM on a busy 2-core host took 10x longer
+    # (11.5 ms against 1.1 ms single-threaded) and competes with the requests for the cores.
+    resampled = np.einsum("rk,kc->rc", _bootstrap_weights(blocks), per_block)
+    rows = resampled[:, -1]
+    eces = [np.abs(resampled[:, k * bins : (k + 1) * bins]).sum(axis=1) / rows for k in (0, 1)]
+    alpha = 1.0 - confidence
+    low, high = np.quantile(eces[0] - eces[1], [alpha / 2.0, 1.0 - alpha / 2.0])
+    return ece_c, ece_i, Interval(ece_c - ece_i, float(low), float(high))
+
+
+@functools.lru_cache(maxsize=4)
+def _bootstrap_weights(blocks: int) -> FloatArray:
+    # How often each resample draws each block: fixed by the seed, so built once per block count
+    # (a full window always has BOOTSTRAP_BLOCKS) and shared, read-only.
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     draws = rng.integers(0, blocks, size=(BOOTSTRAP_RESAMPLES, blocks))
     offsets = np.arange(BOOTSTRAP_RESAMPLES)[:, None] * blocks
     counts = np.bincount((draws + offsets).reshape(-1), minlength=BOOTSTRAP_RESAMPLES * blocks)
     weights = counts.reshape(BOOTSTRAP_RESAMPLES, blocks).astype(np.float64)
-    resampled = (weights @ per_block).reshape(-1, 6, bins)
-    eces = [
-        np.abs(resampled[:, k + 2] - resampled[:, k + 1]).sum(axis=1) / resampled[:, k].sum(axis=1)
-        for k in (0, 3)
-    ]
-    alpha = 1.0 - confidence
-    low, high = np.quantile(eces[0] - eces[1], [alpha / 2.0, 1.0 - alpha / 2.0])
-    return ece_c, ece_i, Interval(ece_c - ece_i, float(low), float(high))
+    weights.setflags(write=False)
+    return weights
 
 
 def p95_nearest_rank(values: ArrayLike) -> float:
@@ -582,7 +584,7 @@ def analyse(
 ) -> Analysis:
     """Decide the current step from the window (see the module docstring for the rules)."""
     snap = window.snapshot()
-    n = snap.ints.shape[1]
+    n = snap.floats.shape[1]
     checks = _checks(snap, criteria)
     waiting = [ch.name for ch in checks if ch.outcome == "wait"]
     failed = [ch for ch in checks if ch.outcome == "fail"]
