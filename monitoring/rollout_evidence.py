@@ -39,6 +39,7 @@ from kdgate.monitoring.rollout_analysis import PairedWindow
 log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, NDArray[Any]]
+TIMEOUT_SECONDS = 10.0  # both versions on one shadow batch: milliseconds, normally
 
 
 class Versions(Protocol):
@@ -86,10 +87,18 @@ class _Measured:
 class RolloutEvidence:
     """Feeds the paired window of the rollout being watched (see the module docstring)."""
 
-    def __init__(self, model: str, versions: Versions, *, teacher_kind: OutputKind) -> None:
+    def __init__(
+        self,
+        model: str,
+        versions: Versions,
+        *,
+        teacher_kind: OutputKind,
+        timeout_seconds: float = TIMEOUT_SECONDS,
+    ) -> None:
         self.model = model
         self.versions = versions
         self.teacher_kind: OutputKind = teacher_kind
+        self.timeout_seconds = timeout_seconds
         self._pair: _Pair | None = None
 
     @property
@@ -114,7 +123,9 @@ class RolloutEvidence:
         if pair is None or not batch:
             return
         try:
-            measured = await asyncio.to_thread(self._measure, pair, batch)
+            # Bounded: a run stuck in onnxruntime costs this batch, not the shadow path.
+            async with asyncio.timeout(self.timeout_seconds):
+                measured = await asyncio.to_thread(self._measure, pair, batch)
             if self._pair is not pair:  # the step changed meanwhile: these rows are not its
                 return
             self._add(pair, measured, teacher_scores)

@@ -33,6 +33,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, get_args
 
@@ -322,13 +323,17 @@ class Rollouts:
             why = self.control.state.not_loaded[model].get(missing[0], "not in the routing")
             step.analysis = Analysis("fail", 0, [], f"version {missing[0]!r} is not loaded: {why}")
         else:
-            step.analysis = analyse(
-                step.window,
-                record.criteria,
-                min_samples=spec.min_samples,
-                elapsed_seconds=time.monotonic() - step.since,
-                min_seconds=spec.min_seconds,
-                max_seconds=spec.max_seconds,
+            # In a thread: the ECE bootstrap over a full window is milliseconds of numpy.
+            step.analysis = await asyncio.to_thread(
+                partial(
+                    analyse,
+                    step.window,
+                    record.criteria,
+                    min_samples=spec.min_samples,
+                    elapsed_seconds=time.monotonic() - step.since,
+                    min_seconds=spec.min_seconds,
+                    max_seconds=spec.max_seconds,
+                )
             )
         analysis = step.analysis
         step.at = self._clock()

@@ -6,6 +6,7 @@ while no pair is watched."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -153,3 +154,24 @@ def test_a_failing_version_costs_the_batch_not_the_shadow_path(
     asyncio.run(evidence.observe(batch, np.zeros((1, CLASSES), np.float32)))
     assert window.samples == 0
     assert "a shadow batch was not compared" in caplog.text
+
+
+def test_a_stuck_run_is_given_up_after_the_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    class Slow(LinearVersions):
+        def scores(self, version: str, inputs: Mapping[str, NDArray[Any]]) -> NDArray[Any]:
+            time.sleep(1.0)
+            return super().scores(version, inputs)
+
+    versions = Slow()
+    evidence = RolloutEvidence("m", versions, teacher_kind="logits", timeout_seconds=0.1)
+    window = PairedWindow()
+    evidence.watch("2", "1", window)
+    batch = [ShadowSample("r", "1", {"x": np.zeros((1, FEATURES), np.float32)}, np.zeros((1, 4)))]
+
+    async def observe() -> float:
+        started = time.monotonic()
+        await evidence.observe(batch, np.zeros((1, CLASSES), np.float32))
+        return time.monotonic() - started
+
+    assert asyncio.run(observe()) < 0.9  # the batch is given up, the run's second not awaited
+    assert window.samples == 0 and "a shadow batch was not compared" in caplog.text
