@@ -431,21 +431,7 @@ class Rollouts:
         self, model: str, edit: Callable[[TrafficEntry], TrafficEntry], caller: Caller, action: str
     ) -> TrafficEntry:
         self._model(model)
-
-        def details(entry: TrafficEntry) -> dict[str, Any]:
-            record = entry.rollout
-            assert record is not None
-            return {"rollout": _summary(record), "analysis": record.analysis}
-
-        captured: dict[str, Any] = {}
-
-        def audited(entry: TrafficEntry) -> TrafficEntry:
-            changed = edit(entry)
-            captured.update(details(changed))
-            return changed
-
-        # The audit line is written by change_entry once the change is applied.
-        entry = await self.control.change_entry(model, audited, caller, action, captured)
+        entry = await self.control.change_entry(model, edit, caller, action, _audited)
         self._changed(model, entry)
         return entry
 
@@ -469,20 +455,19 @@ class Rollouts:
             "weight": about.weight,
             "checks": (record.analysis or {}).get("checks", []),
             "samples": (record.analysis or {}).get("samples"),
-            "reason": record.reason
-            or (record.analysis or {}).get("reason")
-            or ("started" if event == "rollout.started" else None),
+            "reason": record.reason or (record.analysis or {}).get("reason"),
         }
+        # One event per rollout, type and step, however often it is queued.
         key = f"{ROLLOUT_KEY_PREFIX}{model}:{event}:{record.candidate}:{record.started_at!r}"
+        key += f":{about.step}"
         task = asyncio.create_task(self._enqueue(rollout_payload(event, data), key, model))
         task.add_done_callback(_log_failure)
 
     async def _enqueue(self, payload: dict[str, Any], key: str, model: str) -> None:
         outbox = self.runtime.outbox
         assert outbox is not None
-        step = payload["data"]["step"]
         try:
-            await asyncio.to_thread(outbox.enqueue, payload, dedup_key=f"{key}:{step}", model=model)
+            await asyncio.to_thread(outbox.enqueue, payload, dedup_key=key, model=model)
         except OutboxUnavailable as exc:
             log.error("rollout event %s of %s not queued: %s", payload["type"], model, exc)
             return
@@ -542,6 +527,13 @@ def _running(record: RolloutRecord | None) -> bool:
 
 def _key(record: RolloutRecord) -> tuple[float, int, float]:
     return (record.started_at, record.step, record.step_started_at)
+
+
+def _audited(entry: TrafficEntry) -> dict[str, Any]:
+    """What an audit line of a rollout change says besides the weights."""
+    record = entry.rollout
+    assert record is not None  # every rollout change leaves a record
+    return {"rollout": _summary(record), "analysis": record.analysis}
 
 
 def _summary(record: RolloutRecord) -> dict[str, Any]:

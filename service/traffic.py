@@ -299,11 +299,12 @@ class TrafficControl:
         edit: Callable[[TrafficEntry], TrafficEntry],
         caller: Caller,
         action: str,
-        details: Mapping[str, Any],
+        details: Callable[[TrafficEntry], Mapping[str, Any]],
     ) -> TrafficEntry:
         """Replace `model`'s entry by `edit(entry)` (which may raise a KdgateError to refuse),
         through the same plan, write and swap as every admin change, and audit it with
-        `details`. Used by rollouts, which change weights and their own record together."""
+        `details(new entry)`. Used by rollouts, which change weights and their own record
+        together."""
         async with self._exclusive(writing=True):
             entry = self._entry(model)
             changed = edit(entry)
@@ -316,7 +317,7 @@ class TrafficControl:
                 caller,
                 action,
                 model,
-                {**details, "before": before.weights, "after": after.weights},
+                {**details(changed), "before": before.weights, "after": after.weights},
             )
             return self._entry(model)
 
