@@ -306,6 +306,7 @@ class TrafficControl:
         `details(new entry)`. Used by rollouts, which change weights and their own record
         together."""
         async with self._exclusive(writing=True):
+            await self._catch_up()
             entry = self._entry(model)
             changed = edit(entry)
             before = self.state.router(model).traffic
@@ -320,6 +321,20 @@ class TrafficControl:
                 {**details(changed), "before": before.weights, "after": after.weights},
             )
             return self._entry(model)
+
+    async def _catch_up(self) -> None:
+        """Under the lock: apply at once a change of the file this process has not applied yet
+        (another worker's, less than a poll ago), so a change that builds on it (the rollout of
+        a version another worker just loaded) finds it rather than a 404."""
+        try:
+            snapshot = await asyncio.to_thread(self.store.snapshot)
+            document = self._desired(snapshot)
+        except (OSError, ValueError):  # unreadable or invalid: the watcher says so
+            return
+        if document != self.document:
+            self._swap(document, await self._plan(document, {}))
+            self._seen = snapshot.key
+            log.info("traffic: applied %s (%s) before a change", self.store.path, snapshot.key[0])
 
     def _no_rollout(self, model: str, what: str) -> None:
         """409 while a rollout drives `model`'s weights: it would undo the change at its next

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from standardwebhooks.webhooks import Webhook
 
 from stack.receiver import Delivery, webhook_receiver
@@ -43,16 +44,21 @@ def quick_step(weight: int, min_samples: int = 60) -> dict[str, Any]:
 
 
 @contextmanager
-def clients(server: LiveServer, made: RolloutPair, *, rate: float = 40) -> Iterator[list[str]]:
+def clients(
+    server: LiveServer, made: RolloutPair, *, rate: float = 40, spread: bool = False
+) -> Iterator[list[str]]:
     """Requests at about `rate` per second from a thread until the block ends; yields the
-    `x-kdgate-model-version` of every answer so far (each must be a 200)."""
+    `x-kdgate-model-version` of every answer so far (each must be a 200). `spread`: a new
+    connection per request, so that every worker gets some (one keep-alive connection stays
+    with the worker that accepted it)."""
     versions: list[str] = []
     failures: list[str] = []
     stop = threading.Event()
 
     def send() -> None:
         n = 0
-        with httpx.Client(base_url=server.url, timeout=10) as http:
+        limits = httpx.Limits(max_keepalive_connections=0 if spread else None)
+        with httpx.Client(base_url=server.url, timeout=10, limits=limits) as http:
             while not stop.is_set():
                 start = (n * ROWS_PER_REQUEST) % (len(made.rows) - ROWS_PER_REQUEST)
                 rows = made.rows[start : start + ROWS_PER_REQUEST]
@@ -81,8 +87,10 @@ def wait_rollout(server: LiveServer, *, until: str, step: int | None = None) -> 
     """Poll GET .../rollout until its state is `until` (and its step `step`), 90 s at most."""
     deadline = time.monotonic() + 90
     while True:
-        rollout: dict[str, Any] = admin(server, "GET", ROLLOUT).json()
-        if rollout["state"] == until and (step is None or rollout["step"] == step):
+        answer = admin(server, "GET", ROLLOUT)
+        # With several workers, one may not have applied the file yet (within a poll): 404.
+        rollout: dict[str, Any] = answer.json() if answer.status_code == 200 else {}
+        if rollout.get("state") == until and (step is None or rollout["step"] == step):
             return rollout
         assert time.monotonic() < deadline, f"{rollout}\n{server.output()[-4000:]}"
         time.sleep(0.1)
@@ -193,3 +201,23 @@ def test_a_rollout_survives_a_restart_at_its_step(made: RolloutPair, tmp_path: P
                 after = admin(server, "GET", ROLLOUT).json()
         assert set(versions) == {"1", "2"}
     assert after["analysis"]["decision"] == "wait" and after["step"] == 1
+
+
+def test_with_two_workers_the_leader_alone_drives(made: RolloutPair, tmp_path: Path) -> None:
+    with webhook_receiver(SECRET) as receiver:
+        config = write_rollout_config(tmp_path, made, webhook_url=receiver.url, secret=SECRET)
+        data = yaml.safe_load(config.read_text())
+        data["server"]["workers"] = 2
+        config.write_text(yaml.safe_dump(data))
+        # The leader judges on its own share of the traffic: every worker must get some.
+        with live_server(config) as server, clients(server, made, spread=True) as versions:
+            start(server, made.bad_card, [quick_step(0), 50, 100])
+            rollout = wait_rollout(server, until="rolled_back")
+            receiver.wait_for(2, deadline_seconds=30)
+            output = server.output()
+        by_type = events(receiver.received())
+    assert rollout["reason"].startswith("agreement fail") and rollout["step"] == 0
+    assert set(versions) == {"1"}
+    assert output.count("leads this host: the rollouts of") == 1, output
+    assert output.count('"action":"rollout.rollback"') == 1
+    assert sorted(by_type) == ["rollout.rolled_back", "rollout.started"]
