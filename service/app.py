@@ -55,6 +55,7 @@ from kdgate.service.overload import Guard
 from kdgate.service.protocol_v2 import valid_request_id
 from kdgate.service.request_log import RequestLog
 from kdgate.service.request_metrics import RequestMetrics
+from kdgate.service.rollout_metrics import RolloutExport
 from kdgate.service.rollouts import Rollouts
 from kdgate.service.settings import Settings
 from kdgate.service.siblings import Siblings
@@ -230,7 +231,7 @@ def create_app(
     )
     traffic = TrafficControl(state, build, store, restored, config, TrafficMetrics(registry))
     rollouts = Rollouts(settings.models, traffic, runtime)
-    registry.register(rollouts.collector())
+    registry.register(RolloutExport(rollouts))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

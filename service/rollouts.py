@@ -28,18 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from kdgate.monitoring.outbox import ROLLOUT_KEY_PREFIX, OutboxUnavailable
@@ -50,37 +46,13 @@ from kdgate.service.leader import HostLeader
 from kdgate.service.monitoring_runtime import MonitoringRuntime
 from kdgate.service.settings import ModelSettings
 from kdgate.service.traffic import Caller, TrafficControl, problems
-from kdgate.service.traffic_store import RolloutRecord, RolloutState, TrafficEntry
+from kdgate.service.traffic_store import RolloutRecord, TrafficEntry
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
 DRIVER = Caller("kdgate", "rollout driver")
 CONFIG = Caller("kdgate", "config (models[].rollout.candidate)")
-STATES: tuple[str, ...] = get_args(RolloutState)
-FIGURES = ("candidate", "incumbent", "difference", "low", "high")
-# The rollout gauges (name -> label names, help), exported at scrape time by `Rollouts.export`.
-SERIES: dict[str, tuple[tuple[str, ...], str]] = {
-    "kdgate_rollout_step": (
-        ("model", "candidate"),
-        "Index of the current step of a model's latest rollout (0 = first).",
-    ),
-    "kdgate_rollout_state": (
-        ("model", "state"),
-        "1 for the state of a model's latest rollout (running, paused, promoted, rolled_back, "
-        "aborted), 0 for the others.",
-    ),
-    "kdgate_rollout_samples": (
-        ("model",),
-        "Paired rows the latest analysis rested on (the current step's window, else the last "
-        "transition's).",
-    ),
-    "kdgate_rollout_check": (
-        ("model", "check", "figure"),
-        "The latest analysis per check (the current step's, else the last transition's): the "
-        "candidate's and the incumbent's figure, their difference and its interval (low, high).",
-    ),
-}
 
 
 @dataclass
@@ -477,48 +449,17 @@ class Rollouts:
         self.control.entry(model)  # 404 for an unknown model, 503 while loading
         return self._config[model]
 
-    # -- metrics -------------------------------------------------------------------------------
-
-    def collector(self) -> Collector:
-        """The rollout gauges, read at scrape time."""
-        return _Export(self)
-
-    def export(self) -> list[Metric]:
-        families = {
-            name: GaugeMetricFamily(name, help_text, labels=list(labels))
-            for name, (labels, help_text) in SERIES.items()
-        }
-        step, state, samples, check = families.values()
+    def latest(self) -> Iterator[tuple[str, RolloutRecord, dict[str, Any] | None]]:
+        """Per model with a rollout: its record and the latest analysis as JSON (the live one
+        of the current step on the driving process, else the last transition's)."""
         for model in self._config:
             entry = self.control.document.models.get(model)
-            rollout = entry.rollout if entry is not None else None
-            if rollout is None:
+            record = entry.rollout if entry is not None else None
+            if record is None:
                 continue
-            step.add_metric([model, rollout.candidate], rollout.step)
-            for name in STATES:
-                state.add_metric([model, name], float(rollout.state == name))
-            # The live analysis of the step, else the one of the last transition.
             current = self._steps.get(model)
             analysis = current.analysis if current is not None else None
-            figures = analysis.to_json() if analysis is not None else rollout.analysis
-            if not figures:
-                continue
-            samples.add_metric([model], figures["samples"])
-            for c in figures["checks"]:
-                for figure in FIGURES:
-                    value = c[figure]
-                    check.add_metric(
-                        [model, c["name"], figure], math.nan if value is None else value
-                    )
-        return list(families.values())
-
-
-class _Export(Collector):
-    def __init__(self, rollouts: Rollouts) -> None:
-        self._rollouts = rollouts
-
-    def collect(self) -> Iterable[Metric]:
-        return self._rollouts.export()
+            yield model, record, analysis.to_json() if analysis is not None else record.analysis
 
 
 def _running(record: RolloutRecord | None) -> bool:
