@@ -680,12 +680,75 @@ def debug() -> Json:
             targets((ece("teacher"), "v{{version}}")),
             width=8,
         ),
+        row("Rollout"),
+        stat(
+            "Rollout state",
+            "State of the model's latest rollout (docs/rollouts.md).",
+            f"max by (state) (kdgate_rollout_state{{{MODEL}}}) == 1",
+            "{{state}}",
+            width=4,
+        ),
+        panel(
+            "timeseries",
+            "Rollout step",
+            "Index of the current step of the rollout, per candidate version.",
+            targets((f"max by (candidate) (kdgate_rollout_step{{{MODEL}}})", "v{{candidate}}")),
+            width=4,
+        ),
+        panel(
+            "timeseries",
+            "Rollout paired samples",
+            "Rows in the current step's paired window (both versions on the same inputs).",
+            targets((f"max(kdgate_rollout_samples{{{MODEL}}})", "samples")),
+            width=4,
+        ),
+        panel(
+            "timeseries",
+            "Rollout agreement: candidate - incumbent",
+            "Difference of agreement with the teacher and its interval; the step fails once "
+            "high is below -agreement_margin, passes once low is above it.",
+            targets(
+                (
+                    f'max by (figure) (kdgate_rollout_check{{{MODEL},check="agreement",'
+                    'figure=~"difference|low|high"})',
+                    "{{figure}}",
+                )
+            ),
+            width=6,
+        ),
+        panel(
+            "timeseries",
+            "Rollout mean KL: candidate - incumbent",
+            "Difference of mean KL(teacher ‖ version), nats, and its interval.",
+            targets(
+                (
+                    f'max by (figure) (kdgate_rollout_check{{{MODEL},check="kl",'
+                    'figure=~"difference|low|high"})',
+                    "{{figure}}",
+                )
+            ),
+            width=6,
+        ),
+        panel(
+            "timeseries",
+            "Rollout P95 latency",
+            "Nearest-rank P95 of each version's run on the shadowed inputs, in ms.",
+            targets(
+                (
+                    f'max by (figure) (kdgate_rollout_check{{{MODEL},check="p95_latency",'
+                    'figure=~"candidate|incumbent"})',
+                    "{{figure}}",
+                )
+            ),
+            width=12,
+            unit="ms",
+        ),
     ]
     return dashboard(
         "kdgate-debug",
         "kdgate / Debug",
         "Why fidelity moved: calibration bins, the KL distribution, input drift, the shadow "
-        "queue, and canary against stable.",
+        "queue, canary against stable, and the rollout's analysis.",
         panels,
     )
 

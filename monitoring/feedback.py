@@ -20,7 +20,9 @@ Answer of `apply_feedback`: `{"accepted": n, "unknown": [ids], "expired": [ids],
 - invalid: the label is not a class index in [0, C) (or a class label from `class_labels`), or a
   multi-row request did not get a list of one label per row.
 If labels arrive before the teacher's output for a shadowed request, the student is recorded at
-once and the teacher when `attach_teacher` delivers its logits.
+once and the teacher when `attach_teacher` delivers its logits. `on_labels(request_id, labels)`
+(optional) is told every accepted label as well: a running rollout's paired window joins them
+(monitoring/rollout_evidence.py).
 
 Every operation is O(1) per id (expected), ~4 µs per prediction on a full store
 (`python -m bench.feedback`), so `put_many` can run on the event loop. Not thread-safe:
@@ -130,10 +132,12 @@ class FeedbackStore:
         ttl_seconds: float = 3600.0,
         class_labels: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_labels: Callable[[str, NDArray[np.int64]], None] | None = None,
     ) -> None:
         if max_size < 1 or ttl_seconds <= 0:
             raise ValueError("need max_size >= 1 and ttl_seconds > 0")
         self.recorder = recorder
+        self._on_labels = on_labels
         self.max_size = max_size
         self.ttl_seconds = ttl_seconds
         self._class_index = {label: i for i, label in enumerate(class_labels or ())}
@@ -273,6 +277,8 @@ class FeedbackStore:
                 answer["invalid"].append(request_id)
                 continue
             answer["accepted"] += 1
+            if self._on_labels is not None:
+                self._on_labels(request_id, labels)
             flags = self._flags[slot]
             # Views are safe: no slot is reused before `_record` below copies them.
             student[self._versions[self._version[slot]]].append((self._student_rows(slot), labels))

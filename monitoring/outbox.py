@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 Status = Literal["pending", "delivered", "failed"]
 T = TypeVar("T")
+# Rollout events share the outbox (and its notifier) but are no incident: a breach neither joins
+# nor follows them.
+ROLLOUT_KEY_PREFIX = "rollout:"
 _COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite's files beside the database
 _CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
@@ -267,8 +270,9 @@ class Outbox:
             with _transaction(db):
                 recent = db.execute(
                     "SELECT id, slo, payload, open_until FROM outbox WHERE model = ?"
-                    " AND (created > ? OR open_until > ?) ORDER BY created",
-                    (model, now - cooldown_seconds, now),
+                    " AND (created > ? OR open_until > ?) AND dedup_key NOT LIKE ?"
+                    " ORDER BY created",
+                    (model, now - cooldown_seconds, now, ROLLOUT_KEY_PREFIX + "%"),
                 ).fetchall()
                 if any(slo in _slos(row_slo, body) for _, row_slo, body, _ in recent):
                     return None

@@ -6,6 +6,7 @@
       O(1), never awaits; when full the            -> breaker -> teacher.infer (thread / HTTP)
       sample is dropped and counted                -> FidelityRecorder (counters, window)
                                                    -> CaptureStore, FeedbackStore.attach_teacher
+                                                   -> RolloutEvidence (while a rollout runs)
 
 Units: everything is counted in ROWS (input instances), not requests: queue capacity, queue depth
 (`kdgate_shadow_queue_depth`), `max_batch`, and `kdgate_shadow_total{outcome}` — so
@@ -39,6 +40,7 @@ from kdgate.monitoring.capture import CaptureStore
 from kdgate.monitoring.feedback import FeedbackStore
 from kdgate.monitoring.metrics import Metrics
 from kdgate.monitoring.recorder import FidelityRecorder
+from kdgate.monitoring.rollout_evidence import RolloutEvidence
 from kdgate.monitoring.teacher import Teacher, TeacherError
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,9 @@ class ShadowWorker:
     the comparison of each batch, e.g. in a span linked to the requests' spans. After an idle spell
     the worker waits `linger_seconds` for more rows before taking the first batch (as Triton's
     dynamic batcher does with its queue delay); a busy worker never lingers, since rows
-    queue up while the teacher runs.
+    queue up while the teacher runs. `evidence` (optional) gets every compared batch with the
+    teacher's scores: while a rollout is watched it pairs candidate and incumbent on them
+    (monitoring/rollout_evidence.py), else it returns at once.
 
     `start()` launches the task on the running loop; `await stop(grace_seconds)` lets it finish the
     rows already queued and cancels it if that takes longer than `grace_seconds`.
@@ -173,6 +177,7 @@ class ShadowWorker:
         breaker: CircuitBreaker | None = None,
         capture: CaptureStore | None = None,
         feedback: FeedbackStore | None = None,
+        evidence: RolloutEvidence | None = None,
         max_batch: int = 64,
         teacher_timeout_seconds: float | None = None,
         linger_seconds: float = 0.01,
@@ -186,6 +191,7 @@ class ShadowWorker:
         self.breaker = breaker or CircuitBreaker()
         self.capture = capture
         self.feedback = feedback
+        self.evidence = evidence
         self.max_batch = max_batch
         self.teacher_timeout_seconds = teacher_timeout_seconds
         self.linger_seconds = linger_seconds
@@ -249,6 +255,8 @@ class ShadowWorker:
         self._compared.inc(len(student))
         if self.capture is not None:
             self.capture.append(inputs, teacher_scores)
+        if self.evidence is not None:
+            await self.evidence.observe(batch, teacher_scores)
 
     async def _ask_teacher(
         self, inputs: Mapping[str, NDArray[Any]], shape: tuple[int, ...]

@@ -21,6 +21,10 @@ Delivery::
 An open incident (`Outbox.enqueue_breach` with a grouping window) is not due until its window
 closes: the notifier's next poll after that claims, seals and sends it.
 
+The same outbox and notifier deliver the rollout events (`rollout_payload`: `rollout.started`,
+`rollout.step_passed`, `rollout.promoted`, `rollout.rolled_back`), signed alike; only retrain
+requests count in `kdgate_retrain_requests_total`.
+
 2xx marks the entry delivered (`kdgate_retrain_requests_total{outcome="delivered"}`); anything
 else, or no answer, schedules a retry with exponential backoff and full jitter (`retried`); an
 entry older than `max_age_seconds` that fails again is marked failed (`failed`). State lives in
@@ -52,6 +56,12 @@ from kdgate.monitoring.outbox import Outbox, OutboxEntry
 log = logging.getLogger(__name__)
 
 EVENT_TYPE = "kdgate.retrain.requested"
+ROLLOUT_EVENTS = (
+    "rollout.started",
+    "rollout.step_passed",
+    "rollout.promoted",
+    "rollout.rolled_back",
+)
 SIGNATURE_VERSION = "v1"
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks prefix, not a secret
 _PLACEHOLDER_SECRETS = {
@@ -218,6 +228,21 @@ def retrain_payload(
     }
 
 
+def rollout_payload(
+    event: str, data: Mapping[str, Any], *, now: float | None = None
+) -> dict[str, Any]:
+    """A rollout event body: `{"type": event, "timestamp", "data"}`, the retrain request's form.
+    `data` holds model, candidate, incumbent, step, weight, state, checks and reason."""
+    if event not in ROLLOUT_EVENTS:
+        raise ValueError(f"unknown rollout event {event!r}; one of {ROLLOUT_EVENTS}")
+    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return {
+        "type": event,
+        "timestamp": moment.isoformat().replace("+00:00", "Z"),
+        "data": dict(data),
+    }
+
+
 def backoff_seconds(
     attempts: int, base: float, cap: float, rng: random.Random | None = None
 ) -> float:
@@ -337,15 +362,16 @@ class Notifier:
         if error is None:
             await asyncio.to_thread(self._outbox.mark_delivered, entry.id)
             self._count(entry, "delivered")
-            log.info("retrain webhook %s delivered (model %s)", entry.id, entry.model)
+            log.info("webhook %s delivered (%s, model %s)", entry.id, _kind(entry), entry.model)
             return True
         now = self._clock()
         if now - entry.created >= self._config.max_age_seconds:
             await asyncio.to_thread(self._outbox.mark_failed, entry.id, error)
             self._count(entry, "failed")
             log.error(
-                "retrain webhook %s failed after %d attempts: %s",
+                "webhook %s (%s) failed after %d attempts: %s",
                 entry.id,
+                _kind(entry),
                 entry.attempts + 1,
                 error,
             )
@@ -358,8 +384,18 @@ class Notifier:
         )
         await asyncio.to_thread(self._outbox.schedule_retry, entry.id, now + delay, error)
         self._count(entry, "retried")
-        log.warning("retrain webhook %s: %s; retry in %.1f s", entry.id, error, delay)
+        log.warning("webhook %s (%s): %s; retry in %.1f s", entry.id, _kind(entry), error, delay)
         return False
 
     def _count(self, entry: OutboxEntry, outcome: str) -> None:
-        self._metrics.retrain_requests.labels(model=entry.model, outcome=outcome).inc()
+        if _kind(entry) == EVENT_TYPE:
+            self._metrics.retrain_requests.labels(model=entry.model, outcome=outcome).inc()
+
+
+def _kind(entry: OutboxEntry) -> str:
+    """The event type of an outbox entry (`type` of its body)."""
+    try:
+        kind = entry.payload.get("type")
+    except ValueError:  # not JSON: nothing kdgate wrote; name it by what it is not
+        return "unreadable"
+    return kind if isinstance(kind, str) else EVENT_TYPE

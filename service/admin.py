@@ -7,6 +7,9 @@
     GET    /admin/models/{m}/versions            loaded versions: weight, card, sha256
     POST   /admin/models/{m}/versions            {"card": path[, "version": v]}: load, verify, warm
     DELETE /admin/models/{m}/versions/{v}        stop routing to v, wait for its requests
+    POST   /admin/models/{m}/rollout             {"candidate": v[, "steps", "criteria"]}: start
+    GET    /admin/models/{m}/rollout             the rollout, with the latest analysis
+    POST   /admin/models/{m}/rollout/pause|resume|abort
 
 Every route needs `Authorization: Bearer <admin.token>`: none or malformed -> 401, another
 token -> 403 (constant-time compare). While `admin.token` is null the routes answer 404 saying
@@ -14,6 +17,8 @@ the admin API is off. Bodies are read like inference bodies (`server.max_body_by
 `server.body_timeout_seconds`: 408), after the token is checked, then validated here (400).
 service/traffic.py writes the changes to the traffic file every process follows, applies and
 audits them; where that file is read-only (a ConfigMap) the changing routes answer 409.
+Rollouts (service/rollouts.py) change it the same way; while one runs or is paused the weight
+changes above answer 409.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Who` (built around the closure
@@ -30,6 +35,7 @@ from kdgate.service.auth import check_bearer
 from kdgate.service.endpoints import JsonResponse
 from kdgate.service.errors import InvalidInput
 from kdgate.service.inference import BodyDeadline, read_body
+from kdgate.service.rollouts import Rollouts
 from kdgate.service.settings import Settings
 from kdgate.service.traffic import Caller, TrafficControl, problems
 
@@ -67,6 +73,19 @@ class NewVersion(BaseModel):
     version: str | None = Field(default=None, description="default: the card's version")
 
 
+class RolloutRequest(BaseModel):
+    """POST .../rollout body: the candidate version; steps and criteria override the model's
+    `models[].rollout` (criteria key by key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: str = Field(min_length=1, description="a loaded version of the model")
+    steps: list[str | int | dict[str, Any]] | None = Field(
+        default=None, description='e.g. ["dark", 5, 25, 100]; the last is 100'
+    )
+    criteria: dict[str, Any] | None = Field(default=None, description="see docs/rollouts.md")
+
+
 def token_fingerprint(token: str) -> str:
     """A short, non-reversible name for a token, for audit lines."""
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -78,8 +97,10 @@ def documented_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def build_admin_router(settings: Settings, control: TrafficControl) -> APIRouter:
-    """The /admin routes, bound to one app's settings and traffic control."""
+def build_admin_router(
+    settings: Settings, control: TrafficControl, rollouts: Rollouts
+) -> APIRouter:
+    """The /admin routes, bound to one app's settings, traffic control and rollouts."""
 
     async def caller(request: Request) -> Caller:
         token = settings.admin.token
@@ -144,5 +165,34 @@ def build_admin_router(settings: Settings, control: TrafficControl) -> APIRouter
     async def remove_version(model: str, version: str, who: Who) -> JsonResponse:
         """Remove a version with weight 0 once the requests it is serving have finished."""
         return JsonResponse(await control.remove_version(model, version, who))
+
+    @api.post("/rollout", status_code=201, openapi_extra=documented_body(RolloutRequest))
+    async def start_rollout(model: str, request: Request, who: Who) -> JsonResponse:
+        """Start a rollout of a loaded version (409 while one runs, 404 unknown version)."""
+        asked = await body(request, RolloutRequest)
+        started = await rollouts.begin(
+            model, asked.candidate, steps=asked.steps, criteria=asked.criteria, caller=who
+        )
+        return JsonResponse(started, status_code=201)
+
+    @api.get("/rollout")
+    async def get_rollout(model: str, _: Who) -> JsonResponse:
+        """The model's latest rollout: steps, state, weights and the latest analysis."""
+        return JsonResponse(rollouts.describe(model))
+
+    @api.post("/rollout/pause")
+    async def pause_rollout(model: str, who: Who) -> JsonResponse:
+        """Hold the running step (weights stay)."""
+        return JsonResponse(await rollouts.pause(model, who))
+
+    @api.post("/rollout/resume")
+    async def resume_rollout(model: str, who: Who) -> JsonResponse:
+        """Go on with the paused step; its evidence starts afresh."""
+        return JsonResponse(await rollouts.resume(model, who))
+
+    @api.post("/rollout/abort")
+    async def abort_rollout(model: str, who: Who) -> JsonResponse:
+        """End the rollout: the incumbent serves all the traffic again."""
+        return JsonResponse(await rollouts.abort(model, who))
 
     return api

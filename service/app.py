@@ -55,6 +55,8 @@ from kdgate.service.overload import Guard
 from kdgate.service.protocol_v2 import valid_request_id
 from kdgate.service.request_log import RequestLog
 from kdgate.service.request_metrics import RequestMetrics
+from kdgate.service.rollout_metrics import RolloutExport
+from kdgate.service.rollouts import Rollouts
 from kdgate.service.settings import Settings
 from kdgate.service.siblings import Siblings
 from kdgate.service.slo_api import build_slo_router
@@ -228,6 +230,8 @@ def create_app(
         metrics=metrics,
     )
     traffic = TrafficControl(state, build, store, restored, config, TrafficMetrics(registry))
+    rollouts = Rollouts(settings.models, traffic, runtime)
+    registry.register(RolloutExport(rollouts))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -235,10 +239,12 @@ def create_app(
         await asyncio.to_thread(state.load, build)
         await traffic.start()
         await runtime.start()
+        await rollouts.start()
         try:
             yield
         finally:
             state.ready = False
+            await rollouts.stop()
             await traffic.stop()
             log.settle()  # the last requests' bookkeeping, while its consumers still run
             await runtime.stop()
@@ -269,5 +275,5 @@ def create_app(
     app.include_router(build_slo_router(settings, runtime, log, siblings))
     app.state.monitoring = runtime
     app.state.request_log = log
-    app.include_router(build_admin_router(settings, traffic))
+    app.include_router(build_admin_router(settings, traffic, rollouts))
     return app

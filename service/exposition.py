@@ -38,6 +38,11 @@ GAUGE_MODES: dict[str, Mode] = {
     "kdgate_input_drift_share": "leader",
     "kdgate_slo_breached": "leader",
     "kdgate_traffic_weight": "leader",
+    # Rollouts are driven by the host's leader; its window alone holds the analysis.
+    "kdgate_rollout_step": "leader",
+    "kdgate_rollout_state": "leader",
+    "kdgate_rollout_samples": "leader",
+    "kdgate_rollout_check": "leader",
 }
 DEFAULT_GAUGE_MODE: Mode = "max"
 SUMMED_TYPES = frozenset({"counter", "histogram", "summary", "gaugehistogram", "unknown"})

@@ -29,9 +29,16 @@ POLL_SECONDS = 1.0  # how soon a worker notices that the leader died
 class HostLeader:
     """The leader lock of one host (`path`: a file in the state directory, created if missing)."""
 
-    def __init__(self, path: Path, *, name: str = "this worker") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str = "this worker",
+        duties: str = "drift job, webhook sender, retrain requests",
+    ) -> None:
         self.path = path
         self.name = name  # for the log line
+        self.duties = duties
         self._fd: int | None = None
 
     @property
@@ -51,11 +58,7 @@ class HostLeader:
             os.close(fd)
             return False
         self._fd = fd
-        log.info(
-            "%s (pid %d) leads this host: drift job, webhook sender, retrain requests",
-            self.name,
-            os.getpid(),
-        )
+        log.info("%s (pid %d) leads this host: %s", self.name, os.getpid(), self.duties)
         return True
 
     async def wait(self, stop: asyncio.Event, poll_seconds: float = POLL_SECONDS) -> bool:

@@ -9,7 +9,8 @@ lifespan.
 Per model, `start` builds:
     FidelityRecorder (counters + the recent window), FeedbackStore         (every model)
     teacher (local ONNX thread | remote OIP over httpx), CircuitBreaker,
-    ShadowQueue, CaptureStore, ShadowWorker, ModelShadow     (models with a comparable teacher)
+    ShadowQueue, CaptureStore, ShadowWorker, ModelShadow,
+    RolloutEvidence (idle until a rollout watches it)        (models with a comparable teacher)
     DriftFeatures, Reference, InputBuffer, DriftJob and the drift tap      (while drift is on)
 and once: the SLO `Monitor` (reads the same `RecentWindow` as `GET /v1/fidelity`), the outbox
 (opened at start when `webhook.url` is set, else at the first Alertmanager hook call) and the
@@ -66,11 +67,13 @@ from kdgate.monitoring.drift import (
 )
 from kdgate.monitoring.drift_features import DriftFeatures, InputSpec
 from kdgate.monitoring.feedback import FeedbackStore
+from kdgate.monitoring.fidelity import OutputKind
 from kdgate.monitoring.metrics import Metrics
 from kdgate.monitoring.outbox import Outbox
 from kdgate.monitoring.priority import lowest_process_priority
 from kdgate.monitoring.recent import RecentWindow
 from kdgate.monitoring.recorder import FidelityRecorder
+from kdgate.monitoring.rollout_evidence import RolloutEvidence
 from kdgate.monitoring.shadow import ShadowQueue, ShadowWorker
 from kdgate.monitoring.slo import Breach, Objective, objectives_for
 from kdgate.monitoring.slo_monitor import Monitor
@@ -281,6 +284,24 @@ class ModelMonitoring:
     capture: CaptureStore | None = None
     worker: ShadowWorker | None = None
     tap: InputTap | None = None
+    evidence: RolloutEvidence | None = None
+
+
+class ServedVersions:
+    """The loaded versions of one model, for rollout evidence: whatever router serves now."""
+
+    def __init__(self, state: ServingState, model: str, scores_name: str) -> None:
+        self.state = state
+        self.model = model
+        self.scores_name = scores_name
+
+    def scores(self, version: str, inputs: Arrays) -> np.ndarray[Any, Any]:
+        """`version`'s scores output on `inputs` (blocking: an onnxruntime run)."""
+        session = self.state.routers[self.model].variants[version].session
+        return session.run(dict(inputs))[self.scores_name]
+
+    def kind(self, version: str) -> OutputKind:
+        return self.state.routers[self.model].variants[version].session.card.output_kind
 
 
 class MonitoringRuntime:
@@ -663,14 +684,20 @@ class MonitoringRuntime:
         )
         for version in router.variants:
             recorder.bind(version)
+        evidence = None
+        if model.teacher is not None and pairing.comparable:
+            assert pairing.student_scores is not None  # a comparable pairing names both outputs
+            versions = ServedVersions(self.state, model.name, pairing.student_scores)
+            evidence = RolloutEvidence(model.name, versions, teacher_kind=pairing.teacher_kind)
         feedback = FeedbackStore(
             recorder,
             max_size=settings.feedback.max_size,
             ttl_seconds=settings.feedback.ttl_seconds,
             class_labels=card.class_labels,
+            on_labels=None if evidence is None else evidence.attach_labels,
         )
         tap = self._taps.get(model.name)
-        if model.teacher is None or not pairing.comparable:
+        if evidence is None or model.teacher is None:
             shadow = ModelShadow(
                 feedback, None, shadow_fraction=lambda: 0.0, scores_name=pairing.student_scores
             )
@@ -703,6 +730,7 @@ class MonitoringRuntime:
             breaker=breaker,
             capture=capture,
             feedback=feedback,
+            evidence=evidence,
             max_batch=model.teacher.max_batch or settings.shadow.max_batch,
             teacher_timeout_seconds=model.teacher.timeout_seconds,
             linger_seconds=settings.shadow.linger_seconds,
@@ -716,7 +744,7 @@ class MonitoringRuntime:
         )
         worker.start()
         return ModelMonitoring(
-            model.name, recorder, feedback, shadow, teacher, breaker, capture, worker, tap
+            model.name, recorder, feedback, shadow, teacher, breaker, capture, worker, tap, evidence
         )
 
     async def _teacher(

@@ -2,7 +2,7 @@
 
     Settings
     ├── server    ServerSettings     bind address, body limit, onnxruntime threads
-    ├── models    [ModelSettings]    students (versions + cards), teacher, traffic split
+    ├── models    [ModelSettings]    students (versions + cards), teacher, traffic split, rollout
     ├── shadow    ShadowSettings     queue size, teacher batch size, capture, fidelity window
     ├── feedback  FeedbackSettings   recent predictions kept for labels (size, TTL)
     ├── slo       SloConfig          objectives, windows, hysteresis (monitoring/slo.py)
@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 import kdgate
 from kdgate.monitoring.drift import DriftConfig
 from kdgate.monitoring.recorder import TEACHER_VERSION
+from kdgate.monitoring.rollout_analysis import Criteria, StepSpec, parse_steps
 from kdgate.monitoring.slo import SloConfig
 from kdgate.monitoring.webhook import WebhookConfig
 
@@ -260,6 +261,42 @@ class TrafficSettings(_Section):
         return header
 
 
+# A step of `models[].rollout.steps`: "dark", a candidate weight, or an object (StepSpec fields).
+RawStep = str | int | dict[str, Any]
+DEFAULT_STEPS: tuple[RawStep, ...] = ("dark", 5, 25, 100)
+
+
+class RolloutSettings(_Section):
+    """How a candidate version is rolled out (docs/rollouts.md): its steps, the defaults of the
+    steps that do not say, and the criteria of every step's analysis. `candidate` set: a rollout
+    of that version starts when the server does (unless the traffic file already holds one of
+    it, in any state)."""
+
+    candidate: str | None = None
+    steps: list[RawStep] = Field(default_factory=lambda: list(DEFAULT_STEPS))
+    min_samples: int = Field(default=500, ge=1, description="paired rows a step needs at least")
+    min_seconds: float = Field(default=60.0, ge=0.0, description="the least a step lasts")
+    max_seconds: float = Field(default=1800.0, gt=0.0, description="then an undecided step fails")
+    # Frozen, so one shared default is safe (validated: its fields' defaults are positional).
+    criteria: Criteria = Criteria.model_validate({})
+
+    @model_validator(mode="after")
+    def _steps_parse(self) -> Self:
+        self.step_specs()  # bad steps fail at start, not when a rollout begins
+        return self
+
+    def step_defaults(self) -> dict[str, Any]:
+        return {
+            "min_samples": self.min_samples,
+            "min_seconds": self.min_seconds,
+            "max_seconds": self.max_seconds,
+        }
+
+    def step_specs(self, raw: list[RawStep] | None = None) -> list[StepSpec]:
+        """`raw` (else `steps`) parsed with this section's defaults; ValueError saying why."""
+        return parse_steps(self.steps if raw is None else raw, self.step_defaults())
+
+
 class ModelSettings(_Section):
     """One served model: its student versions, its teacher and how traffic is split."""
 
@@ -267,6 +304,7 @@ class ModelSettings(_Section):
     students: list[StudentSettings] = Field(min_length=1)
     teacher: TeacherSettings | None = None
     traffic: TrafficSettings = Field(default_factory=TrafficSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
 
     @model_validator(mode="after")
     def _known_versions(self) -> Self:

@@ -213,6 +213,8 @@ class TrafficControl:
                 raise InvalidInput(f"traffic of model {model!r} not changed: {reason}") from None
             if not traffic.weights:
                 raise InvalidInput(f"traffic of model {model!r} not changed: weights are empty")
+            if _shares(traffic.weights) != _shares(entry.weights):
+                self._no_rollout(model, "change its weights")
             return await self._apply(model, traffic, caller, "traffic.put")
 
     async def promote(self, model: str, version: str, caller: Caller) -> TrafficSettings:
@@ -220,6 +222,7 @@ class TrafficControl:
         async with self._exclusive(writing=True):
             current = self.state.router(model)
             current.get(version)  # 404 for a version that is not loaded
+            self._no_rollout(model, "promote a version")
             weights = {v: 100 if v == version else 0 for v in current.variants}
             traffic = self._entry(model).traffic.model_copy(update={"weights": weights})
             return await self._apply(model, traffic, caller, "traffic.promote")
@@ -228,6 +231,7 @@ class TrafficControl:
         """Return to the weights before the last weight change (twice: back again)."""
         async with self._exclusive(writing=True):
             entry = self._entry(model)
+            self._no_rollout(model, "roll its weights back")
             previous = entry.previous_weights
             if previous is None:
                 raise InvalidInput(
@@ -284,6 +288,64 @@ class TrafficControl:
             }
             self._audit(caller, "version.remove", model, result)
             return result
+
+    def entry(self, model: str) -> TrafficEntry:
+        """The traffic file's entry of `model` as this process serves it (404 when unknown)."""
+        return self._entry(model)
+
+    async def change_entry(
+        self,
+        model: str,
+        edit: Callable[[TrafficEntry], TrafficEntry],
+        caller: Caller,
+        action: str,
+        details: Callable[[TrafficEntry], Mapping[str, Any]],
+    ) -> TrafficEntry:
+        """Replace `model`'s entry by `edit(entry)` (which may raise a KdgateError to refuse),
+        through the same plan, write and swap as every admin change, and audit it with
+        `details(new entry)`. Used by rollouts, which change weights and their own record
+        together."""
+        async with self._exclusive(writing=True):
+            await self._catch_up()
+            entry = self._entry(model)
+            changed = edit(entry)
+            before = self.state.router(model).traffic
+            if _shares(changed.weights) != _shares(entry.weights):
+                changed = changed.model_copy(update={"previous_weights": before.weights})
+            await self._change(model, changed, {})
+            after = self.state.router(model).traffic
+            self._audit(
+                caller,
+                action,
+                model,
+                {**details(changed), "before": before.weights, "after": after.weights},
+            )
+            return self._entry(model)
+
+    async def _catch_up(self) -> None:
+        """Under the lock: apply at once a change of the file this process has not applied yet
+        (another worker's, less than a poll ago), so a change that builds on it (the rollout of
+        a version another worker just loaded) finds it rather than a 404."""
+        try:
+            snapshot = await asyncio.to_thread(self.store.snapshot)
+            document = self._desired(snapshot)
+        except (OSError, ValueError):  # unreadable or invalid: the watcher says so
+            return
+        if document != self.document:
+            self._swap(document, await self._plan(document, {}))
+            self._seen = snapshot.key
+            log.info("traffic: applied %s (%s) before a change", self.store.path, snapshot.key[0])
+
+    def _no_rollout(self, model: str, what: str) -> None:
+        """409 while a rollout drives `model`'s weights: it would undo the change at its next
+        step, or the change would spoil its evidence."""
+        rollout = self._entry(model).rollout
+        if rollout is not None and rollout.active:
+            raise Conflict(
+                f"a rollout of version {rollout.candidate!r} ({rollout.state}) drives the weights "
+                f"of model {model!r}: abort it first (POST /admin/models/{model}/rollout/abort) "
+                f"to {what}"
+            )
 
     @asynccontextmanager
     async def _exclusive(self, *, writing: bool = False) -> AsyncIterator[None]:
@@ -342,6 +404,13 @@ class TrafficControl:
         entry = self._entry(model)
         if version not in entry.cards():
             self.state.router(model).get(version)  # 404 naming the loaded versions
+        rollout = entry.rollout
+        if (
+            rollout is not None
+            and rollout.active
+            and version in (rollout.candidate, rollout.incumbent)
+        ):
+            self._no_rollout(model, "remove a version it compares")
         share = entry.weights.get(version, 0)
         if share > 0:
             raise InvalidInput(

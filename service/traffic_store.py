@@ -10,6 +10,8 @@
         sticky_header: x-kdgate-route-key
         shadow_fraction: 0.1
         previous_weights: {"1": 100}    # optional: what `rollback` returns to
+        rollout:                        # optional: the model's latest rollout (RolloutRecord)
+          {candidate: "2", incumbent: "1", state: running, step: 1, steps: [...], ...}
 
 Precedence: for a model the file names, the file wins over the config's `students` and
 `traffic`; a model it does not name serves the config. `restore` says, per model, which keys
@@ -35,11 +37,56 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kdgate.monitoring.rollout_analysis import Criteria, StepSpec
 from kdgate.service.settings import ModelSettings, Settings, StudentSettings, TrafficSettings
 
 MAX_BYTES = 1024 * 1024  # a traffic file is a few kB
 # A write refused for these reasons is a read-only source (409), not a failure (500).
 READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+RolloutState = Literal["running", "paused", "promoted", "rolled_back", "aborted"]
+ACTIVE_STATES = frozenset({"running", "paused"})
+
+
+class RolloutRecord(BaseModel):
+    """A model's latest rollout, as the traffic file holds it (service/rollouts.py drives it).
+
+    Times are unix seconds. `analysis` is the step analysis that decided the last transition
+    (`{"decision", "samples", "reason", "checks": [...]}`), `reason` why the rollout ended.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidate: str = Field(min_length=1)
+    incumbent: str = Field(min_length=1)
+    steps: list[StepSpec] = Field(min_length=1)
+    # Frozen, so one shared default is safe (validated: its fields' defaults are positional).
+    criteria: Criteria = Criteria.model_validate({})
+    step: int = Field(default=0, ge=0)
+    state: RolloutState = "running"
+    started_at: float
+    step_started_at: float
+    finished_at: float | None = None
+    analysis: dict[str, Any] | None = None
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.candidate == self.incumbent:
+            raise ValueError(f"rollout candidate and incumbent are both {self.candidate!r}")
+        if self.step >= len(self.steps):
+            raise ValueError(f"rollout step {self.step} of {len(self.steps)} steps")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def weight(self) -> int:
+        """The candidate's weight at the current step."""
+        return self.steps[self.step].weight
 
 
 class TrafficEntry(BaseModel):
@@ -52,6 +99,7 @@ class TrafficEntry(BaseModel):
     sticky_header: str = TrafficSettings.model_fields["sticky_header"].default
     shadow_fraction: float = TrafficSettings.model_fields["shadow_fraction"].default
     previous_weights: dict[str, int] | None = None
+    rollout: RolloutRecord | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -71,6 +119,11 @@ class TrafficEntry(BaseModel):
         weights = {s.version: model.traffic.weights.get(s.version, 0) for s in self.versions}
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "sticky_header", model.traffic.sticky_header)  # lower-cased
+        rollout = self.rollout
+        if rollout is not None and rollout.active:
+            missing = sorted({rollout.candidate, rollout.incumbent} - set(weights))
+            if missing:
+                raise ValueError(f"the running rollout names versions {missing} not listed")
         return self
 
     @property

@@ -139,6 +139,9 @@ def test_every_dashboard_query_returns_data_from_the_live_prometheus(stack: Stac
     send(stack, 5, "none")  # recent traffic for the 1m-rate panels
     empty = []
     for panel_query in panel_queries(model="digits", version="1"):
+        # The rollout row has data only while a rollout runs (tests/integration/test_rollouts.py).
+        if panel_query.panel.startswith("Rollout "):
+            continue
         if not query(stack, panel_query.expr):
             empty.append(f"{panel_query.dashboard} / {panel_query.panel}: {panel_query.expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)

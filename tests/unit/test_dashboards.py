@@ -24,6 +24,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from kdgate.monitoring.metrics import CounterFamily, HistogramFamily, Metrics
 from kdgate.monitoring.rules import DEFAULT_RUNBOOK_BASE, runbook_url
 from kdgate.service.request_metrics import RequestMetrics
+from kdgate.service.rollout_metrics import SERIES as ROLLOUT_SERIES
 from tests.support.dashboards import (
     DASHBOARDS_DIR,
     iter_panels,
@@ -63,6 +64,8 @@ def series_labels() -> dict[str, frozenset[str]]:
             series[f"{name}_sum"] = series[f"{name}_count"] = frozenset(labels)
         else:
             series[name] = frozenset(labels)
+    # Gauges collected at scrape time from the rollouts (service/rollout_metrics.py).
+    series.update({name: frozenset(labels) for name, (labels, _) in ROLLOUT_SERIES.items()})
     return series
 
 
