@@ -6,9 +6,8 @@ signed by the official Standard Webhooks library.
 - digits: the worker distils a student from a capture of inverted digits mixed with the train
   split; it passes the gates and agrees with the teacher on clean and on inverted inputs.
 
-Registration is followed by the rollout call. While the gateway has no rollout route the call
-fails and the version must be removed again (never half-registered); once it has one, the job
-succeeds and the version stays.
+Registration is followed by the rollout call; when the gateway refuses the rollout, the version
+is removed again (never half-registered).
 """
 
 from __future__ import annotations
@@ -79,24 +78,15 @@ def versions(server: LiveServer, model: str) -> dict[str, dict[str, Any]]:
     return {v["version"]: v for v in answer.json()["versions"]}
 
 
-def has_rollout_route(server: LiveServer) -> bool:
-    paths = httpx.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
-    return "/admin/models/{model}/rollout" in paths
-
-
-def check_registered_or_removed(
+def check_registered_and_rolling_out(
     server: LiveServer, model: str, job: dict[str, Any], card: Path
 ) -> None:
-    """Succeeded with the version loaded, or (no rollout route yet) failed at the rollout with
-    the version removed again."""
-    loaded = versions(server, model)
-    if has_rollout_route(server):
-        assert job["status"] == "succeeded", job
-        assert loaded["2"]["sha256"] == load_card(card).sha256
-    else:
-        assert job["status"] == "failed" and job["stage"] == "rollout", job
-        assert "removed again" in job["error"] and "HTTP 40" in job["error"]
-        assert set(loaded) == {"1"}
+    """The job succeeded: the student is loaded under version 2 and its rollout started."""
+    assert job["status"] == "succeeded", job
+    assert versions(server, model)["2"]["sha256"] == load_card(card).sha256
+    rollout = httpx.get(f"{server.url}/admin/models/{model}/rollout", headers=AUTH, timeout=10)
+    assert rollout.status_code == 200, rollout.text
+    assert rollout.json()["candidate"] == "2" and rollout.json()["incumbent"] == "1"
 
 
 @pytest.fixture
@@ -162,7 +152,7 @@ def test_a_command_trained_student_is_imported_and_registered(
     card = directory / "card" / "student.card.json"
     imported = load_card(card)
     assert imported.output_kind == "probabilities" and imported.metrics.agreement is not None
-    check_registered_or_removed(server, "tabular", job, card)
+    check_registered_and_rolling_out(server, "tabular", job, card)
     assert job["version"] == "2"
 
 
@@ -190,6 +180,25 @@ def test_a_failing_command_registers_nothing_and_keeps_its_files(
         assert again.status_code == 200 and again.json()["duplicate"] is True
         (listed,) = httpx.get(f"{restarted.url}/jobs", timeout=10).json()["jobs"]
         assert listed == {**job, "attempts": 1}
+
+
+def test_a_refused_rollout_removes_the_registered_version(
+    tabular: tuple[LiveServer, Path], tmp_path: Path
+) -> None:
+    server, config = tabular
+    data = yaml.safe_load(config.read_text())
+    data["rollout"] = {"steps": [25, 5, 100]}  # not increasing: the gateway answers 400
+    config.write_text(yaml.safe_dump(data))
+    with worker_for(config) as worker:
+        assert (
+            post_retrain(worker.url, retrain_body("tabular"), "msg_tab_refused").status_code == 202
+        )
+        job = wait_finished(worker.url, "msg_tab_refused")
+    assert job["status"] == "failed" and job["stage"] == "rollout", job
+    assert "removed again" in job["error"] and "HTTP 400" in job["error"], job
+    assert set(versions(server, "tabular")) == {"1"}
+    answer = httpx.get(f"{server.url}/admin/models/tabular/rollout", headers=AUTH, timeout=10)
+    assert answer.status_code == 404, answer.text
 
 
 def agreement(student: ort.InferenceSession, teacher: ort.InferenceSession, x: Any) -> float:
@@ -227,7 +236,7 @@ def test_digits_are_distilled_from_a_capture_mixed_with_the_train_split(tmp_path
             job = wait_finished(worker.url, "msg_digits", deadline_seconds=120)
             card_path = tmp_path / "work" / "jobs" / job["job"] / "student" / "student-v2.card.json"
             assert card_path.is_file(), job  # the gates passed: distill wrote the student
-            check_registered_or_removed(server, "digits", job, card_path)
+            check_registered_and_rolling_out(server, "digits", job, card_path)
 
     card = load_card(card_path)
     assert card.version == "2"
