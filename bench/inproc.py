@@ -1,9 +1,11 @@
 """Per-request CPU of a server's ASGI app, in process: no sockets, HTTP parser or load generator.
 
-    python -m bench.inproc --app kdgate|ceiling [--requests N] [--concurrency C] [--rounds R]
+    python -m bench.inproc --app kdgate|ceiling [--workload digits|text-b1|text-b32]
+        [--requests N] [--concurrency C] [--rounds R]
 
-The app (kdgate as `make bench` configures it, or `bench/ceiling.py`) is built, its lifespan
-started, and driven on uvloop with the benchmark payload through fake `receive`/`send`: each
+The app (kdgate as `make bench` configures it, or `bench/ceiling.py`) is built for the workload
+(`bench/workloads.py`: its model and request body), its lifespan started, and driven on uvloop
+with that payload through fake `receive`/`send`: each
 request a task of its own, as uvicorn runs it, `--concurrency` of them started together (1: the
 c1 shape; 16: requests of one loop turn share a micro-batch, as at c16). Every answer must be a
 200. It prints the process CPU time (`time.process_time`) per request over `--requests`
@@ -34,10 +36,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.model import payload_row, resolve_models, v2_body
+from bench.workloads import Workload, WorkloadName
+from bench.workloads import build as build_workload
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-PATH = "/v2/models/digits/infer"
+WORKLOADS: tuple[WorkloadName, ...] = ("digits", "text-b1", "text-b32")
 
 
 # Under valgrind a round lasts ~100x longer, so jobs that run every few seconds of wall time
@@ -50,22 +53,30 @@ QUIET_TIMERS = {
 }
 
 
-def build(kind: str, workdir: Path, *, quiet_timers: bool = False) -> App:
-    """The ASGI app for `kind`, configured as `make bench` runs it (shadow off, default rest);
-    `quiet_timers`: with the periodic jobs of `QUIET_TIMERS` stretched (for callgrind)."""
-    student, _ = resolve_models(workdir)
+def build(kind: str, work: Workload, workdir: Path, *, quiet_timers: bool = False) -> App:
+    """The ASGI app for `kind` serving `work`'s student, configured as `make bench` runs it
+    (shadow off, default rest); `quiet_timers`: with the periodic jobs of `QUIET_TIMERS`
+    stretched (for callgrind)."""
     if kind == "ceiling":
         from bench.ceiling import build_app
 
-        return build_app(student.onnx, "digits")
+        return build_app(work.student.onnx, work.model)
     import yaml
 
-    from bench.scenarios import DEFAULT, kdgate_config
+    from bench.scenarios import kdgate_config, select
     from kdgate.service.app import create_app
     from kdgate.service.settings import load_settings
 
-    (scenario,) = (s for s in DEFAULT if s.server == "kdgate")
-    config = kdgate_config(scenario, port=0, student_card=str(student.card), placeholders={})
+    # The one-worker kdgate scenario of `make bench` for this workload ("kdgate", "kdgate-text-b1").
+    name = "kdgate" if work.name == "digits" else f"kdgate-{work.name}"
+    (scenario,) = select([name])
+    config = kdgate_config(
+        scenario,
+        port=0,
+        student_card=str(work.student.card),
+        placeholders={},
+        model_name=work.model,
+    )
     config["admin"] = {"state_dir": str(workdir / "state")}
     if quiet_timers:
         for section, values in QUIET_TIMERS.items():
@@ -114,8 +125,9 @@ class Lifespan:
 class Driver:
     """Sends the payload to an app as uvicorn would, and checks each answer is a 200."""
 
-    def __init__(self, app: App, body: bytes) -> None:
+    def __init__(self, app: App, path: str, body: bytes) -> None:
         self.app = app
+        self.path = path
         self.message = {"type": "http.request", "body": body, "more_body": False}
         self.headers = [
             (b"host", b"127.0.0.1:8000"),
@@ -135,8 +147,8 @@ class Driver:
             "scheme": "http",
             "method": "POST",
             "root_path": "",
-            "path": PATH,
-            "raw_path": PATH.encode(),
+            "path": self.path,
+            "raw_path": self.path.encode(),
             "query_string": b"",
             "headers": list(self.headers),
             "state": {},
@@ -167,14 +179,15 @@ class Driver:
 
 async def measure(args: argparse.Namespace, workdir: Path) -> list[float]:
     """CPU seconds per request, one figure per round."""
-    app = build(args.app, workdir, quiet_timers=args.rows_only)
+    work = build_workload(args.workload, workdir)
+    app = build(args.app, work, workdir, quiet_timers=args.rows_only)
     if args.rows_only and args.app == "kdgate":
         # Under valgrind a request takes ~100x longer, so the request log's 10 ms timer would
         # settle nearly every request, and its cost per request would depend on the machine's
         # load: settle by rows only (64 per settle, as at full speed). The periodic jobs are
         # stretched for the same reason (`QUIET_TIMERS`).
         app.state.request_log._seconds = 3600.0
-    driver = Driver(app, v2_body(payload_row()))
+    driver = Driver(app, work.infer_path, work.body)
     figures = []
     async with Lifespan(app):
         await driver.run(args.warmup, args.concurrency)
@@ -191,6 +204,9 @@ async def measure(args: argparse.Namespace, workdir: Path) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
     parser.add_argument("--app", choices=("kdgate", "ceiling"), default="kdgate")
+    parser.add_argument(
+        "--workload", choices=WORKLOADS, default="digits", help="model and request body"
+    )
     parser.add_argument("--requests", type=int, default=20_000, help="per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2_000, help="requests before the rounds")
@@ -206,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kdgate-inproc-") as tmp:
         figures = uvloop.run(measure(args, Path(tmp)))
     rounds = " ".join(f"{f * 1e6:.1f}" for f in figures)
+    median = statistics.median(figures) * 1e6
     sys.stdout.write(
-        f"{args.app} c{args.concurrency}: {statistics.median(figures) * 1e6:.1f} us CPU/request "
+        f"{args.app} {args.workload} c{args.concurrency}: {median:.1f} us CPU/request "
         f"(rounds: {rounds})\n"
     )
     return 0

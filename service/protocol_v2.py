@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -55,6 +56,13 @@ class V2Request(NamedTuple):
     id: str | None
     inputs: Arrays
     outputs: tuple[OutputRequest, ...]
+
+
+# tuple.__new__ with the class: a V2Request from its fields without running the NamedTuple's
+# Python-level __new__ (~1k instructions less per request, callgrind).
+_v2_request: Callable[[tuple[str | None, Arrays, tuple[OutputRequest, ...]]], V2Request] = partial(
+    tuple.__new__, V2Request
+)
 
 
 def valid_request_id(value: object) -> bool:
@@ -133,7 +141,9 @@ def _decode_common(request: Any, signature: Signature) -> V2Request | None:
     either way (tests/unit/test_protocol_v2.py compares both on generated requests).
     """
     spec = signature.single_input
-    if spec is None or type(request) is not dict or not request.keys() <= _COMMON_REQUEST:
+    if spec is None:
+        return _decode_common_inputs(request, signature)
+    if type(request) is not dict or not request.keys() <= _COMMON_REQUEST:
         return None
     inputs, request_id = request.get("inputs"), request.get("id")
     if type(inputs) is not list or len(inputs) != 1:
@@ -154,7 +164,45 @@ def _decode_common(request: Any, signature: Signature) -> V2Request | None:
     if array is None:
         array = array_from_data(spec.name, data, shape, NUMPY_DTYPES[spec.datatype])
     # All outputs as JSON: `signature_outputs(signature, binary=False)` without its frame.
-    return V2Request(request_id, {spec.name: array}, _all_outputs(signature.output_names, False))
+    return _v2_request(
+        (request_id, {spec.name: array}, _all_outputs(signature.output_names, False))
+    )
+
+
+def _decode_common_inputs(request: Any, signature: Signature) -> V2Request | None:
+    """`_decode_common` for a model of several inputs (token ids and their mask): usual when
+    every input is one JSON tensor, in the model's order, of the right name and datatype.
+
+    All of that is looked at before any input is checked further, so the checks that can fail
+    (shape, data, then the batch dimension) come in the general path's order, with its errors.
+    Two INT64 inputs of 64 tokens, the JSON parsed: ~63k instructions the general way, ~59k
+    this way (callgrind)."""
+    fields = signature.input_fields
+    if type(request) is not dict or not request.keys() <= _COMMON_REQUEST:
+        return None
+    tensors, request_id = request.get("inputs"), request.get("id")
+    if type(tensors) is not list or len(tensors) != len(fields):
+        return None
+    if request_id is not None and not valid_request_id(request_id):
+        return None
+    for tensor, (name, datatype, _) in zip(tensors, fields):  # noqa: B905  (same length)
+        if (
+            type(tensor) is not dict
+            or tensor.keys() != _COMMON_TENSOR
+            or tensor["name"] != name
+            or tensor["datatype"] != datatype
+        ):
+            return None
+    inputs: Arrays = {}
+    for tensor, (name, datatype, spec) in zip(tensors, fields):  # noqa: B905
+        shape = check_shape(name, tensor["shape"], spec)
+        data = tensor["data"]
+        array = packed_from_data(data, shape, datatype) if type(data) is list else None
+        if array is None:
+            array = array_from_data(name, data, shape, NUMPY_DTYPES[datatype])
+        inputs[name] = array
+    check_batch(inputs, signature)
+    return _v2_request((request_id, inputs, _all_outputs(signature.output_names, False)))
 
 
 _COMMON_REQUEST = frozenset(("inputs", "id"))
@@ -219,7 +267,7 @@ def _decode_general(
         )
     if len(inputs) > 1:
         check_batch(inputs, signature)
-    return V2Request(request_id, inputs, _requested_outputs(request, signature))
+    return _v2_request((request_id, inputs, _requested_outputs(request, signature)))
 
 
 def encode_response(

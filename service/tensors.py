@@ -66,6 +66,17 @@ class Signature:
         """The input of a single-input model (the usual case), else None."""
         return next(iter(self.inputs.values())) if len(self.inputs) == 1 else None
 
+    @cached_property
+    def input_fields(self) -> tuple[tuple[str, str, TensorSpec], ...]:
+        """(name, datatype, spec) of each input, in the model's order: read once, since each
+        read of a pydantic model's field costs ~0.5k instructions (callgrind)."""
+        return tuple((spec.name, spec.datatype, spec) for spec in self.inputs.values())
+
+    @cached_property
+    def batched_inputs(self) -> tuple[str, ...]:
+        """The inputs whose first dimension is dynamic (the batch), in the model's order."""
+        return tuple(name for name, spec in self.inputs.items() if spec.shape[:1] == [-1])
+
     @classmethod
     def from_card(cls, card: ModelCard) -> Signature:
         return cls(
@@ -81,8 +92,9 @@ def element_count(shape: Sequence[int]) -> int:
 
 def check_shape(name: str, shape: Any, spec: TensorSpec) -> tuple[int, ...]:
     """Validate a client-declared shape against the signature; -1 in the spec matches any size."""
-    if type(shape) is list and len(shape) == len(spec.shape):
-        for want, got in zip(spec.shape, shape):  # noqa: B905  (same length: checked above)
+    expected = spec.shape  # once: a field of a pydantic model costs ~0.5k instructions a read
+    if type(shape) is list and len(shape) == len(expected):
+        for want, got in zip(expected, shape):  # noqa: B905  (same length: checked above)
             if type(got) is not int or got <= 0 or (want != got and want != -1):
                 break
         else:
@@ -290,9 +302,10 @@ def packed_from_data(
     - `sum` raises on anything but numbers (strings, null, nested lists); a finite sum shows
       that no value is NaN or infinite;
     - float datatypes need a float sum (at least one float: ints alone take the other way, which
-      converts them without a detour through float64), int datatypes an int sum;
+      converts them without a detour through float64);
     - data starting with a boolean takes the other way (all booleans are refused there);
-    - `struct.pack` refuses floats for int datatypes and values out of the datatype's range,
+    - `struct.pack` refuses anything but ints (and bools) for int datatypes, so their data is
+      not summed (~5k instructions per 64 values), and values out of the datatype's range,
       except floats just above the float32 maximum, which it rounds down to it: any FP32 data
       holding the maximum's bytes takes the other way.
     """
@@ -301,15 +314,18 @@ def packed_from_data(
         return None
     code, dtype, wanted = packing
     try:
-        total: float = sum(data)
         packed = _packer(code, len(data))(*data)
+        if wanted is float:
+            total: float = sum(data)
+            if type(total) is not float or not math.isfinite(total):
+                return None
+            if code == "f" and _FP32_MAX_BYTES in packed:  # may straddle two values: harmless
+                return None
     except (TypeError, OverflowError, struct.error):
         return None
-    if type(total) is not wanted or not math.isfinite(total):
-        return None
-    if code == "f" and _FP32_MAX_BYTES in packed:  # may straddle two values: harmless
-        return None
-    return np.frombuffer(packed, dtype).reshape(shape)  # dtype positional: ~0.2 us less
+    # The array over the packed bytes, as np.frombuffer(packed, dtype).reshape(shape) makes
+    # it (read-only, no copy) in one call: ~1.3k instructions less.
+    return np.ndarray(shape, dtype, packed)
 
 
 @lru_cache(maxsize=256)  # bounded: one per (datatype, element count) seen
@@ -437,17 +453,20 @@ def check_names(given: Sequence[str], signature: Signature) -> None:
 
 def check_batch(arrays: dict[str, np.ndarray[Any, Any]], signature: Signature) -> None:
     """The inputs with a dynamic first dimension (the batch) agree on it: one request's
-    inputs describe the same rows (onnxruntime would fail inside the graph otherwise)."""
-    sizes = {
-        name: array.shape[0]
-        for name, array in arrays.items()
-        if signature.inputs[name].shape[:1] == [-1]
-    }
-    if len(set(sizes.values())) > 1:
-        raise InvalidInput(
-            f"inputs differ in their first (batch) dimension: {sizes}; every input of a request "
-            "must hold the same number of rows"
-        )
+    inputs describe the same rows (onnxruntime would fail inside the graph otherwise).
+
+    `arrays` holds every input of `signature` (its names checked)."""
+    batched = signature.batched_inputs
+    if len(batched) < 2:
+        return
+    rows = len(arrays[batched[0]])
+    for name in batched[1:]:
+        if len(arrays[name]) != rows:
+            sizes = {key: len(array) for key, array in arrays.items() if key in batched}
+            raise InvalidInput(
+                f"inputs differ in their first (batch) dimension: {sizes}; every input of a "
+                "request must hold the same number of rows"
+            )
 
 
 def _kind(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -202,6 +203,111 @@ def test_usual_request_takes_the_shortcut() -> None:
     assert decoded is not None and decoded.id == "r"
     np.testing.assert_array_equal(decoded.inputs["x"], np.array([[1, 2]], np.float32))
     assert _decode_common({**request, "outputs": [{"name": "y"}]}, ONE) is None
+
+
+# Several inputs (token ids and their mask, as the text student takes them): the shortcut
+# (`_decode_common_inputs`) must also answer exactly as the general path. Requests are drawn
+# around the usual one: each field mostly right, inputs sometimes swapped, missing or extra.
+TWO = Signature(
+    inputs={
+        "ids": TensorSpec(name="ids", datatype="INT64", shape=[-1, 2]),
+        "mask": TensorSpec(name="mask", datatype="INT64", shape=[-1, 2]),
+    },
+    outputs=SIG.outputs,
+)
+
+
+def _mostly(right: object, wrong: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.one_of(st.just(right), st.just(right), st.just(right), wrong)
+
+
+@st.composite
+def _token_tensor(draw: st.DrawFn, name: str) -> dict[str, object]:
+    shape = draw(
+        _mostly(
+            [1, 2],
+            st.one_of(
+                st.sampled_from([[2, 2], [2, 2], [0, 2], [1, 3], [True, 2], [1.0, 2], "2"]),
+                st.lists(st.integers(-1, 3), min_size=1, max_size=3),
+            ),
+        )
+    )
+    fits = st.lists(st.integers(-(2**63), 2**63 - 1), min_size=2, max_size=2)
+    if shape == [2, 2]:
+        fits = st.lists(st.integers(0, 9), min_size=4, max_size=4)
+    tensor = {
+        "name": draw(_mostly(name, st.sampled_from(["ids", "mask", "x", 7]))),
+        "datatype": draw(_mostly("INT64", st.sampled_from(["INT32", "FP32", "int64"]))),
+        "shape": shape,
+        "data": draw(
+            _mostly(
+                draw(fits),
+                st.one_of(
+                    st.lists(st.lists(st.integers(0, 9), min_size=2, max_size=2), max_size=2),
+                    st.lists(_values, max_size=4),
+                    st.just("nope"),
+                ),
+            )
+        ),
+    }
+    if draw(st.sampled_from(["usual"] * 9 + ["parameters"])) == "parameters":
+        tensor["parameters"] = {}
+    return tensor
+
+
+@st.composite
+def _token_requests(draw: st.DrawFn) -> dict[str, object]:
+    inputs = [draw(_token_tensor("ids")), draw(_token_tensor("mask"))]
+    change = draw(st.sampled_from(["none"] * 5 + ["swap", "drop", "extra"]))
+    if change == "swap":
+        inputs.reverse()
+    elif change == "drop":
+        inputs.pop()
+    elif change == "extra":
+        inputs.append(draw(_token_tensor("x")))
+    request: dict[str, object] = {"inputs": inputs}
+    extra = draw(st.sampled_from(["none"] * 4 + ["id", "bad id", "outputs"]))
+    if extra != "none":
+        request.update(
+            {"id": "r1"} if extra == "id" else {"id": 7} if extra == "bad id" else {"outputs": []}
+        )
+    return request
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_token_requests())
+def test_several_inputs_shortcut_answers_as_the_general_path(request: dict[str, object]) -> None:
+    general = _outcome(lambda: _decode_general(request, memoryview(b""), None, TWO))
+    common = _outcome(lambda: _decode_common(request, TWO))
+    assert common is None or common == general
+    assert _outcome(lambda: decode_request(json.dumps(request).encode(), None, TWO)) == general
+
+
+def test_several_inputs_take_the_shortcut_in_the_models_order_only() -> None:
+    ids = {"name": "ids", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}
+    mask = {"name": "mask", "shape": [2, 2], "datatype": "INT64", "data": [[1, 1], [1, 0]]}
+    decoded = _decode_common({"id": "r", "inputs": [ids, mask]}, TWO)
+    assert decoded is not None and decoded.id == "r"
+    assert decoded.inputs["ids"].dtype == np.int64 and decoded.inputs["mask"].dtype == np.int64
+    np.testing.assert_array_equal(decoded.inputs["ids"], [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(decoded.inputs["mask"], [[1, 1], [1, 0]])
+    assert decoded.outputs == (OutputRequest("y", False), OutputRequest("z", False))
+    assert _decode_common({"inputs": [mask, ids]}, TWO) is None  # the general path's to decode
+    swapped = decode_request(json.dumps({"inputs": [mask, ids]}).encode(), None, TWO)
+    np.testing.assert_array_equal(swapped.inputs["ids"], decoded.inputs["ids"])
+
+
+@pytest.mark.parametrize("order", [("ids", "mask"), ("mask", "ids")])
+def test_inputs_of_different_batch_sizes_are_refused(order: tuple[str, str]) -> None:
+    tensors = {
+        "ids": {"name": "ids", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]},
+        "mask": {"name": "mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]},
+    }
+    body = json.dumps({"inputs": [tensors[name] for name in order]}).encode()
+    sizes = {"ids": 2, "mask": 1} if order[0] == "ids" else {"mask": 1, "ids": 2}
+    message = f"inputs differ in their first (batch) dimension: {sizes}"
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        decode_request(body, None, TWO)
 
 
 # Every datatype, decoded from JSON and from binary and encoded back, checked against what
