@@ -67,7 +67,15 @@ class GatewaySettings(_Section):
         return token
 
 
-class DistillJob(_Section):
+class _Job(_Section):
+    # A breach is noticed after a few hundred samples, often fewer than a student needs:
+    # the job waits until the capture holds `min_capture_rows` (or `capture_wait_seconds`
+    # have passed; then it trains on what there is, with a warning).
+    min_capture_rows: int = Field(default=0, ge=0, description="wait for this many rows")
+    capture_wait_seconds: float = Field(default=600.0, ge=0)
+
+
+class DistillJob(_Job):
     """A pair `kdgate distill` trains (digits): a new student from the capture, mixed with the
     train split, judged by the distill gates."""
 
@@ -78,7 +86,7 @@ class DistillJob(_Section):
     extra_args: list[str] = Field(default_factory=list, description="more `kdgate distill` flags")
 
 
-class CommandJob(_Section):
+class CommandJob(_Job):
     """Any other pair: the user's command writes `$KDGATE_OUT/student.onnx`, then it is imported
     against `teacher` (the served teacher's ONNX file) as `kdgate import` does."""
 

@@ -3,6 +3,8 @@
 Stages of a job (each logged, timed and recorded in the queue as the job's `stage`):
 
     version   the next free version of the model (GET /admin/models/{m}/versions)
+    capture   with `min_capture_rows`: until the capture holds that many rows (at most
+              `capture_wait_seconds`, then on with a warning)
     train     `kind: distill`: `kdgate distill --capture DIR --capture-mix train` in a child
               process (torch stays out of the worker); `kind: command`: the user's argv, no
               shell, with KDGATE_CAPTURE_DIR, KDGATE_REQUEST, KDGATE_OUT, KDGATE_MODEL and
@@ -31,6 +33,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from kdgate.monitoring.capture import SEGMENT_PATTERN
 from kdgate.service.cards import load_card
 from kdgate.service.importer import ImportRequest, IncomparablePair, import_pair
 from kdgate.service.retrain_command import CommandFailed, child_env, run_command
@@ -174,6 +177,9 @@ class JobRunner:
         async with self._stage(job, "version"):
             version = await self._gateway.next_version(job.model)
             await asyncio.to_thread(self._queue.set_stage, job.seq, "version", version=version)
+        if capture is not None and spec.min_capture_rows:
+            async with self._stage(job, "capture"):
+                await self._wait_for_capture(job, spec, Path(capture))
         if isinstance(spec, DistillJob):
             card = await self._distill(job, spec, directory, capture, version)
         else:
@@ -191,6 +197,19 @@ class JobRunner:
             raise JobFailed(exc.stage, f"{exc.reason}; version {version} {cleanup}") from None
         await asyncio.to_thread(self._queue.set_registered, job.seq, None)
         return version
+
+    async def _wait_for_capture(
+        self, job: Job, spec: DistillJob | CommandJob, capture: Path
+    ) -> None:
+        deadline = time.monotonic() + spec.capture_wait_seconds
+        while (rows := await asyncio.to_thread(capture_rows, capture)) < spec.min_capture_rows:
+            if time.monotonic() >= deadline:
+                log.warning("%s: the capture holds %d rows after %.0f s, fewer than %d; "
+                            "training on them", job.name, rows, spec.capture_wait_seconds,
+                            spec.min_capture_rows)  # fmt: skip
+                return
+            await asyncio.sleep(self._settings.poll_seconds)
+        log.info("%s: the capture holds %d rows", job.name, rows)
 
     async def _distill(
         self, job: Job, spec: DistillJob, directory: Path, capture: str | None, version: str
@@ -311,6 +330,15 @@ def _card_sha256(card: Path | None) -> str | None:
 def _write_request(directory: Path, body: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "request.json").write_text(body)
+
+
+def capture_rows(capture: Path) -> int:
+    """Rows in a capture directory's finished segments, read from their names
+    (monitoring/capture.py); 0 while there is none."""
+    with contextlib.suppress(OSError):
+        names = (SEGMENT_PATTERN.match(p.name) for p in capture.iterdir())
+        return sum(int(m.group(2)) for m in names if m)
+    return 0
 
 
 def _capture_dir(request: Mapping[str, Any]) -> str | None:

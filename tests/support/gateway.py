@@ -62,7 +62,7 @@ def write_slo_config(
             "backoff_cap_seconds": 2,
             "poll_seconds": 0.5,
         },
-        "admin": {"token": TOKEN},
+        "admin": {"token": TOKEN, "state_dir": str(directory / "state")},
     }
     path = directory / "kdgate.yaml"
     path.write_text(yaml.safe_dump(config))

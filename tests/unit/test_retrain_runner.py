@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from kdgate.service.retrain_config import RetrainWorkerSettings, load_worker_set
 from kdgate.service.retrain_gateway import Gateway
 from kdgate.service.retrain_metrics import WorkerMetrics
 from kdgate.service.retrain_queue import JobQueue
-from kdgate.service.retrain_runner import JobRunner
+from kdgate.service.retrain_runner import JobRunner, capture_rows
 from tests.support.pairs import PairCache
 from tests.support.retrain_worker import retrain_body, write_worker_config
 
@@ -59,14 +60,19 @@ class Admin:
         return httpx.Response(200, json={})
 
 
-def settings_for(tmp_path: Path, pairs: PairCache, **more: Any) -> RetrainWorkerSettings:
+def settings_for(
+    tmp_path: Path, pairs: PairCache, job_fields: dict[str, Any] | None = None, **more: Any
+) -> RetrainWorkerSettings:
     pair = pairs.get("tabular")
     script = tmp_path / "train.py"
     script.write_text(
-        "import os, shutil, sys\n"
-        "shutil.copyfile(sys.argv[1], os.path.join(os.environ['KDGATE_OUT'], 'student.onnx'))\n"
+        "import os, shutil, sys, time\n"
+        "out = os.environ['KDGATE_OUT']\n"
+        "open(os.path.join(out, 'started'), 'w').write(repr(time.time()))\n"
+        "shutil.copyfile(sys.argv[1], os.path.join(out, 'student.onnx'))\n"
     )
     job = {
+        **(job_fields or {}),
         "kind": "command",
         "command": [sys.executable, str(script), str(pair.student)],
         "teacher": str(pair.teacher),
@@ -182,3 +188,58 @@ def test_a_version_left_registered_by_a_dead_process_is_removed_and_the_job_reru
     ]  # the job ran again from the start, under the same number
     job = queue.get(dead.seq)
     assert job is not None and job.status == "succeeded" and job.attempts == 2
+
+
+def test_a_job_waits_for_enough_captured_rows_before_it_trains(
+    tmp_path: Path, pairs: PairCache
+) -> None:
+    fields = {"min_capture_rows": 100, "capture_wait_seconds": 30}
+    settings = settings_for(tmp_path, pairs, fields, poll_seconds=0.05)
+    runner, queue = runner_for(settings, Admin())
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    (capture / ".capture-00000000000000000003-500.npz.tmp").write_bytes(b"")  # being written
+    (capture / "notes-999.npz").write_bytes(b"")  # not a segment
+    written: list[float] = []
+
+    def gateway_writes_segments() -> None:
+        for n, rows in enumerate((60, 41)):  # 101 rows once both are there
+            time.sleep(0.4)
+            (capture / f"capture-{n + 1:020d}-{rows}.npz").write_bytes(b"")
+            written.append(time.time())
+
+    assert capture_rows(capture) == 0
+    writer = threading.Thread(target=gateway_writes_segments)
+    writer.start()
+    queue.add("msg_1", "tabular", retrain_body("tabular", capture).decode())
+    job = queue.claim()
+    assert job is not None
+    asyncio.run(runner.execute(job))
+    writer.join()
+
+    done = queue.get(job.seq)
+    assert done is not None and done.status == "succeeded", done
+    assert capture_rows(capture) == 101
+    started = float((settings.work_dir / "jobs" / "job-000001" / "out" / "started").read_text())
+    assert started >= written[1]  # not after the first segment's 60 rows
+
+
+def test_a_capture_that_stays_short_is_trained_on_after_the_wait_with_a_warning(
+    tmp_path: Path, pairs: PairCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    fields = {"min_capture_rows": 1000, "capture_wait_seconds": 0.3}
+    settings = settings_for(tmp_path, pairs, fields, poll_seconds=0.05)
+    runner, queue = runner_for(settings, Admin())
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    (capture / f"capture-{1:020d}-7.npz").write_bytes(b"")
+    queue.add("msg_1", "tabular", retrain_body("tabular", capture).decode())
+    job = queue.claim()
+    assert job is not None
+    begun = time.monotonic()
+    asyncio.run(runner.execute(job))
+
+    done = queue.get(job.seq)
+    assert done is not None and done.status == "succeeded", done
+    assert time.monotonic() - begun >= 0.3
+    assert "holds 7 rows after 0 s, fewer than 1000; training on them" in caplog.text
