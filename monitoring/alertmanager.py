@@ -118,13 +118,16 @@ def read_alerts(
     payload: Mapping[str, Any],
     *,
     served: Collection[str] | None = None,
+    captures: Mapping[str, Mapping[str, Any]] | None = None,
     now: float | None = None,
 ) -> AlertBatch:
     """The retrain requests in an Alertmanager v4 webhook body (firing alerts with a model).
 
     `served`: the model names this gateway serves (None: any); alerts naming another model are
-    skipped. Raises ValueError when the body is not an Alertmanager v4 webhook, TooManyAlerts
-    (a ValueError) when it holds more than `MAX_ALERTS` alerts.
+    skipped. `captures`: where each model's shadow capture is (`CaptureStore.describe`), as the
+    gateway's own requests say it (`data.capture`). Raises ValueError when the body is not an
+    Alertmanager v4 webhook, TooManyAlerts (a ValueError) when it holds more than `MAX_ALERTS`
+    alerts.
     """
     alerts = payload.get("alerts")
     if not isinstance(alerts, list):
@@ -169,6 +172,7 @@ def read_alerts(
             student_version=labels.get("version"),
             teacher_version=labels.get("teacher_version"),
             links=links,
+            capture=(captures or {}).get(model),
             now=now,
         )
         dedup_key = f"alertmanager:{alert_fingerprint}:{starts_at}"

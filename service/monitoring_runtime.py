@@ -466,6 +466,19 @@ class MonitoringRuntime:
         """The running monitoring of `name`, or None before start / for an unknown model."""
         return self.models.get(name)
 
+    async def captures(self) -> dict[str, dict[str, Any]]:
+        """Where each capturing model's rows are (`data.capture` of a retrain request); a
+        capture that cannot be listed is left out, with a warning."""
+        found = {}
+        for name, monitoring in self.models.items():
+            if monitoring.capture is None:
+                continue
+            try:
+                found[name] = await asyncio.to_thread(monitoring.capture.describe)
+            except OSError as exc:
+                log.warning("capture of %s cannot be listed: %s", name, exc)
+        return found
+
     # -- outbox and notifier -------------------------------------------------------------------
 
     def hook_outbox(self) -> Outbox:

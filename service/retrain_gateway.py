@@ -49,6 +49,24 @@ class Gateway:
         numbers = [int(v) for v in await self.versions(model) if v.isdigit()]
         return str(max(numbers, default=0) + 1)
 
+    async def rollout(self, model: str) -> dict[str, Any] | None:
+        """The model's rollout record (running, paused or ended); None when it has none, or
+        when the gateway has no rollout routes (404/405)."""
+        try:
+            return await self._call("GET", f"/admin/models/{model}/rollout")
+        except GatewayError as exc:
+            if exc.status in (404, 405):
+                return None
+            raise
+
+    async def weights(self, model: str) -> dict[str, int]:
+        """The model's traffic weights by version."""
+        body = await self._call("GET", f"/admin/models/{model}/traffic")
+        weights = body.get("weights")
+        if not isinstance(weights, dict):
+            raise GatewayError(f"GET /admin/models/{model}/traffic", 200, "no weights")
+        return {str(v): int(w) for v, w in weights.items()}
+
     async def register(self, model: str, card: Path, version: str) -> dict[str, Any]:
         """Load `card` (a path the gateway can read) as `version`; it starts at weight 0."""
         body = {"card": str(card), "version": version}

@@ -2,6 +2,8 @@
 
 Stages of a job (each logged, timed and recorded in the queue as the job's `stage`):
 
+    check     is the request answered already? A rollout of the model running or paused, or
+              a version it is about that no longer serves: the job ends `ignored`, saying so
     version   the next free version of the model (GET /admin/models/{m}/versions)
     capture   with `min_capture_rows`: until the capture holds that many rows (at most
               `capture_wait_seconds`, then on with a warning)
@@ -33,7 +35,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from kdgate.monitoring.capture import SEGMENT_PATTERN
+from kdgate.monitoring.capture import rows_in_segment
 from kdgate.service.cards import load_card
 from kdgate.service.importer import ImportRequest, IncomparablePair, import_pair
 from kdgate.service.retrain_command import CommandFailed, child_env, run_command
@@ -46,6 +48,10 @@ log = logging.getLogger("kdgate.retrain")
 
 ERROR_BACKOFF_CAP_SECONDS = 30.0
 STUDENT_FILE = "student.onnx"
+
+
+class JobCovered(Exception):
+    """The request needs no new student; the message says what answers it."""
 
 
 class JobFailed(Exception):
@@ -145,8 +151,11 @@ class JobRunner:
         log.info("%s (model %s, webhook-id %s): started", job.name, job.model, job.webhook_id)
         error: str | None = None
         version: str | None = None
+        covered: str | None = None
         try:
             version = await self._stages(job, directory)
+        except JobCovered as exc:
+            covered = str(exc)
         except JobFailed as exc:
             error = str(exc)
         except Exception as exc:  # a bug or an unforeseen fault: the job fails, the worker lives
@@ -154,15 +163,17 @@ class JobRunner:
             error = f"unexpected: {type(exc).__name__}: {exc}"
         finally:
             self._metrics.running.dec()
-        outcome: Status = "failed" if error else "succeeded"
+        outcome: Status = "failed" if error else "ignored" if covered else "succeeded"
         try:
-            await asyncio.to_thread(self._queue.finish, job.seq, outcome, error)
+            await asyncio.to_thread(self._queue.finish, job.seq, outcome, error or covered)
         except Exception as exc:
             log.error("%s: cannot record its outcome %s: %s", job.name, outcome, exc)
         self._metrics.jobs.labels(model=job.model, outcome=outcome).inc()
         if error:
             log.error("%s (model %s) failed at %s; files kept in %s", job.name, job.model,
                       error, directory)  # fmt: skip
+        elif covered:
+            log.info("%s (model %s) not run: %s", job.name, job.model, covered)
         else:
             log.info("%s (model %s): version %s registered, rollout started", job.name,
                      job.model, version)  # fmt: skip
@@ -173,6 +184,10 @@ class JobRunner:
             raise JobFailed("start", f"no retrain is configured for model {job.model!r}")
         async with self._stage(job, "start"):
             await asyncio.to_thread(_write_request, directory, job.body)
+        async with self._stage(job, "check"):
+            covered = await self._covered(job)
+        if covered is not None:
+            raise JobCovered(covered)
         capture = _capture_dir(job.request)
         async with self._stage(job, "version"):
             version = await self._gateway.next_version(job.model)
@@ -197,6 +212,24 @@ class JobRunner:
             raise JobFailed(exc.stage, f"{exc.reason}; version {version} {cleanup}") from None
         await asyncio.to_thread(self._queue.set_registered, job.seq, None)
         return version
+
+    async def _covered(self, job: Job) -> str | None:
+        """Why this request needs no new student, or None. A rollout of the model in progress
+        answers it (breaches arrive while the last retrain is judged); so does a rollout that
+        already replaced the version the request is about."""
+        rollout = await self._gateway.rollout(job.model)
+        if rollout is not None and rollout.get("state") in ("running", "paused"):
+            return (f"the rollout of version {rollout.get('candidate')} is {rollout['state']}; "
+                    "its outcome answers this request")  # fmt: skip
+        data = job.request.get("data")
+        about = data.get("student_version") if isinstance(data, dict) else None
+        if about is None:
+            return None
+        weights = await self._gateway.weights(job.model)
+        if weights.get(str(about), 0) > 0:
+            return None
+        serving = ", ".join(v for v, w in weights.items() if w > 0) or "none"
+        return f"version {about}, which the request is about, no longer serves (serving: {serving})"
 
     async def _wait_for_capture(
         self, job: Job, spec: DistillJob | CommandJob, capture: Path
@@ -333,11 +366,9 @@ def _write_request(directory: Path, body: str) -> None:
 
 
 def capture_rows(capture: Path) -> int:
-    """Rows in a capture directory's finished segments, read from their names
-    (monitoring/capture.py); 0 while there is none."""
+    """Rows in a capture directory's finished segments (from their names); 0 while none."""
     with contextlib.suppress(OSError):
-        names = (SEGMENT_PATTERN.match(p.name) for p in capture.iterdir())
-        return sum(int(m.group(2)) for m in names if m)
+        return sum(rows_in_segment(p) for p in capture.iterdir())
     return 0
 
 

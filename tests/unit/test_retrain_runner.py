@@ -33,17 +33,32 @@ class Admin:
     """A recording admin API holding versions 1, canary (not loaded) and 3. `race`: another
     student takes version 4 right after the first listing."""
 
-    def __init__(self, rollout_status: int = 201, *, race: bool = False) -> None:
+    def __init__(
+        self,
+        rollout_status: int = 201,
+        *,
+        race: bool = False,
+        rollout: dict[str, Any] | None = None,
+        weights: dict[str, int] | None = None,
+    ) -> None:
         self.calls: Calls = []
         self.rollout_status = rollout_status
         self.race = race
         self.loaded: dict[str, str | None] = {"1": "a" * 64, "canary": None, "3": "b" * 64}
+        self.rollout = rollout  # GET .../rollout: this record, else 404
+        self.weights = weights or {"1": 100, "canary": 0, "3": 0}
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else None
         path = request.url.path
         self.calls.append((request.method, path, body))
         assert request.headers["authorization"] == "Bearer t0ken-for-the-runner-tests"
+        if request.method == "GET" and path.endswith("/rollout"):
+            if self.rollout is None:
+                return httpx.Response(404, json={"error": "no rollout"})
+            return httpx.Response(200, json=self.rollout)
+        if request.method == "GET" and path.endswith("/traffic"):
+            return httpx.Response(200, json={"weights": self.weights})
         if request.method == "GET":
             listed = [{"version": v, "sha256": sha} for v, sha in self.loaded.items()]
             if self.race:
@@ -109,6 +124,8 @@ def test_register_then_rollout_and_removal_when_the_rollout_cannot_start(
 
     card = settings.work_dir / "jobs" / "job-000001" / "card" / "student.card.json"
     expected: Calls = [
+        ("GET", "/admin/models/tabular/rollout", None),  # none in progress
+        ("GET", "/admin/models/tabular/traffic", None),  # version 1 still serves
         ("GET", "/admin/models/tabular/versions", None),
         ("POST", "/admin/models/tabular/versions", {"card": str(card.resolve()), "version": "4"}),
         ("POST", "/admin/models/tabular/rollout", {"steps": ["dark", 100], "candidate": "4"}),
@@ -182,6 +199,8 @@ def test_a_version_left_registered_by_a_dead_process_is_removed_and_the_job_reru
         ("DELETE", "/admin/models/tabular/versions/4", None),
     ]
     assert [c[:2] for c in admin.calls[2:]] == [
+        ("GET", "/admin/models/tabular/rollout"),
+        ("GET", "/admin/models/tabular/traffic"),
         ("GET", "/admin/models/tabular/versions"),
         ("POST", "/admin/models/tabular/versions"),
         ("POST", "/admin/models/tabular/rollout"),
@@ -243,3 +262,59 @@ def test_a_capture_that_stays_short_is_trained_on_after_the_wait_with_a_warning(
     assert done is not None and done.status == "succeeded", done
     assert time.monotonic() - begun >= 0.3
     assert "holds 7 rows after 0 s, fewer than 1000; training on them" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("rollout", "weights", "reason"),
+    [
+        (
+            {"state": "running", "candidate": "3", "incumbent": "1"},
+            None,
+            "the rollout of version 3 is running; its outcome answers this request",
+        ),
+        (
+            {"state": "paused", "candidate": "3", "incumbent": "1"},
+            None,
+            "the rollout of version 3 is paused",
+        ),
+        (
+            {"state": "promoted", "candidate": "3", "incumbent": "1"},
+            {"1": 0, "canary": 0, "3": 100},
+            "version 1, which the request is about, no longer serves (serving: 3)",
+        ),
+    ],
+)
+def test_a_request_answered_by_a_rollout_is_ignored_without_training(
+    tmp_path: Path,
+    pairs: PairCache,
+    rollout: dict[str, Any],
+    weights: dict[str, int] | None,
+    reason: str,
+) -> None:
+    settings = settings_for(tmp_path, pairs)
+    admin = Admin(rollout=rollout, weights=weights)
+    runner, queue = runner_for(settings, admin)
+    queue.add("msg_1", "tabular", retrain_body("tabular").decode())  # about version 1
+    job = queue.claim()
+    assert job is not None
+    asyncio.run(runner.execute(job))
+    done = queue.get(job.seq)
+    assert done is not None and done.status == "ignored" and done.stage == "check"
+    assert reason in (done.error or ""), done.error
+    assert all(method == "GET" for method, _, _ in admin.calls)  # nothing registered
+    assert not (settings.work_dir / "jobs" / "job-000001" / "out").exists()  # nothing trained
+
+
+def test_a_rolled_back_rollout_does_not_stop_the_next_retrain(
+    tmp_path: Path, pairs: PairCache
+) -> None:
+    settings = settings_for(tmp_path, pairs)
+    admin = Admin(rollout={"state": "rolled_back", "candidate": "3", "incumbent": "1"})
+    runner, queue = runner_for(settings, admin)
+    queue.add("msg_1", "tabular", retrain_body("tabular").decode())
+    job = queue.claim()
+    assert job is not None
+    asyncio.run(runner.execute(job))
+    done = queue.get(job.seq)
+    assert done is not None and done.status == "succeeded", done
+    assert admin.calls[-1][:2] == ("POST", "/admin/models/tabular/rollout")
