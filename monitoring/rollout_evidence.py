@@ -100,6 +100,7 @@ class RolloutEvidence:
         self.teacher_kind: OutputKind = teacher_kind
         self.timeout_seconds = timeout_seconds
         self._pair: _Pair | None = None
+        self._turn = 0  # requests timed so far: which version runs first alternates across batches
 
     @property
     def watching(self) -> tuple[str, str] | None:
@@ -146,11 +147,14 @@ class RolloutEvidence:
         """Score (and time) both versions on every request of `batch` (blocking)."""
         candidates, incumbents, latency = [], [], []
         request_ids: list[str] = []
-        for n, sample in enumerate(batch):
+        for sample in batch:
             timed: dict[str, tuple[NDArray[Any], float]] = {}
             order = (pair.candidate, pair.incumbent)
-            if n % 2:  # alternate, so neither version always runs on a warmer cache
+            # Alternate, so neither version always runs on a warmer cache; counted across
+            # batches, as a shadow batch often holds one request.
+            if self._turn % 2:
                 order = order[::-1]
+            self._turn += 1
             for version in order:
                 started = time.perf_counter()
                 scores = self.versions.scores(version, sample.inputs)
