@@ -64,6 +64,11 @@ def write_worker_config(path: Path, gateway_url: str, port: int) -> Path:
     return path
 
 
+def worker_command(config: Path) -> list[str]:
+    """`kdgate retrain-worker --config CONFIG` with this interpreter."""
+    return [sys.executable, "-m", "kdgate.service.cli", "retrain-worker", "--config", str(config)]
+
+
 @contextmanager
 def running_worker(
     workdir: Path, secrets: Secrets, gateway_url: str, port: int
@@ -76,15 +81,7 @@ def running_worker(
             "KDGATE_RETRAIN_GATEWAY__TOKEN": secrets.admin_token,
         }
     )
-    command = [
-        sys.executable,
-        "-m",
-        "kdgate.service.cli",
-        "retrain-worker",
-        "--config",
-        str(config),
-    ]
-    with listening(command, KDGATE, env=env, cwd=ROOT) as worker:
+    with listening(worker_command(config), KDGATE, env=env, cwd=ROOT) as worker:
         yield worker
 
 

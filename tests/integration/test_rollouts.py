@@ -6,11 +6,9 @@ to a real local receiver and are verified with the official `standardwebhooks` l
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import yaml
 from standardwebhooks.webhooks import Webhook
 
 from stack.receiver import Delivery, webhook_receiver
+from tests.support.answers import versions_answering
 from tests.support.live_server import LiveServer, live_server
 from tests.support.pairs import PairCache
 from tests.support.rollouts import (
@@ -43,40 +42,16 @@ def quick_step(weight: int, min_samples: int = 60) -> dict[str, Any]:
     return {"weight": weight, "min_samples": min_samples, "min_seconds": 0.5, "max_seconds": 60}
 
 
-@contextmanager
 def clients(
     server: LiveServer, made: RolloutPair, *, rate: float = 40, spread: bool = False
-) -> Iterator[list[str]]:
-    """Requests at about `rate` per second from a thread until the block ends; yields the
-    `x-kdgate-model-version` of every answer so far (each must be a 200). `spread`: a new
-    connection per request, so that every worker gets some (one keep-alive connection stays
-    with the worker that accepted it)."""
-    versions: list[str] = []
-    failures: list[str] = []
-    stop = threading.Event()
+) -> AbstractContextManager[list[str]]:
+    """Tabular requests of ROWS_PER_REQUEST rows each: versions_answering's."""
 
-    def send() -> None:
-        n = 0
-        limits = httpx.Limits(max_keepalive_connections=0 if spread else None)
-        with httpx.Client(base_url=server.url, timeout=10, limits=limits) as http:
-            while not stop.is_set():
-                start = (n * ROWS_PER_REQUEST) % (len(made.rows) - ROWS_PER_REQUEST)
-                rows = made.rows[start : start + ROWS_PER_REQUEST]
-                r = http.post(INFER, json=infer_rows(rows, f"req-{n}"))
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text}")
-                versions.append(r.headers["x-kdgate-model-version"])
-                n += 1
-                stop.wait(1 / rate)
+    def body(n: int) -> dict[str, Any]:
+        start = (n * ROWS_PER_REQUEST) % (len(made.rows) - ROWS_PER_REQUEST)
+        return infer_rows(made.rows[start : start + ROWS_PER_REQUEST], f"req-{n}")
 
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    try:
-        yield versions
-    finally:
-        stop.set()
-        thread.join(timeout=15)
-    assert not failures, failures[:3]
+    return versions_answering(server.url, INFER, body, rate=rate, spread=spread)
 
 
 def admin(server: LiveServer, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -9,9 +9,7 @@ ends in a promotion, whatever the machine's speed (up to the doc's own deadlines
 from __future__ import annotations
 
 import shutil
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import yaml
 
 from kdgate.service.cards import load_card, write_card
 from tests.integration.test_readme import MARKER, readme_examples, run_examples
+from tests.support.answers import versions_answering
 from tests.support.live_server import REPO, LiveServer, live_server
 from tests.support.traffic import AUTH, TOKEN, extra_student
 from tests.support.v2 import json_request
@@ -61,36 +60,16 @@ def candidate_card(directory: Path) -> Path:
     return path
 
 
-@contextmanager
-def clients(server: LiveServer) -> Iterator[list[str]]:
-    """Digits requests at about RATE per second until the block ends; yields the versions that
-    answered (each answer must be a 200)."""
+def clients(server: LiveServer) -> AbstractContextManager[list[str]]:
+    """One-row digits requests at about RATE per second: versions_answering's."""
     with np.load(DIGITS / "reference.npz") as reference:
         rows = reference["inputs"]
-    versions: list[str] = []
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def send() -> None:
-        with httpx.Client(base_url=server.url, timeout=10) as http:
-            n = 0
-            while not stop.is_set():
-                body = json_request(rows[n % len(rows)][None, :])
-                r = http.post("/v2/models/digits/infer", json=body)
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text}")
-                versions.append(r.headers.get("x-kdgate-model-version", "?"))
-                n += 1
-                stop.wait(1 / RATE)
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    try:
-        yield versions
-    finally:
-        stop.set()
-        thread.join(timeout=15)
-    assert not failures, failures[:3]
+    return versions_answering(
+        server.url,
+        "/v2/models/digits/infer",
+        lambda n: json_request(rows[n % len(rows)][None, :]),
+        rate=RATE,
+    )
 
 
 def admin_get(server: LiveServer, path: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ uvicorn, an injected registry).
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from standardwebhooks.webhooks import Webhook
 from kdgate.monitoring.webhook import retrain_payload
 from kdgate.service.retrain_app import create_worker_app
 from kdgate.service.retrain_config import RetrainWorkerSettings
+from stack.loop import worker_command
 from stack.process import KDGATE, Listening, listening, without_kdgate_env
 from tests.support.traffic import TOKEN
 
@@ -108,16 +108,12 @@ def live_worker(
 ) -> Iterator[Listening]:
     """`python -m kdgate.service.cli retrain-worker --config CONFIG`, once it listens; `env`:
     variables on top of this environment without its KDGATE_* ones."""
-    command = [
-        sys.executable,
-        "-m",
-        "kdgate.service.cli",
-        "retrain-worker",
-        "--config",
-        str(config),
-    ]
     with listening(
-        command, KDGATE, env=without_kdgate_env(env), cwd=REPO, deadline_seconds=deadline_seconds
+        worker_command(config),
+        KDGATE,
+        env=without_kdgate_env(env),
+        cwd=REPO,
+        deadline_seconds=deadline_seconds,
     ) as worker:
         yield worker
 

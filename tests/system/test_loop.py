@@ -11,13 +11,10 @@ A candidate trained for one epoch is rolled back at its dark step instead, serve
 
 from __future__ import annotations
 
-import itertools
 import json
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ from kdgate.distill.data import load_split
 from kdgate.service.cards import load_card, model_path
 from kdgate.service.settings import default_models_dir
 from stack.receiver import reserve_port, webhook_receiver
+from tests.support.answers import versions_answering
 from tests.support.gateway import TOKEN, traffic, write_slo_config
 from tests.support.live_server import live_server
 from tests.support.retrain_worker import (
@@ -42,6 +40,7 @@ from tests.support.retrain_worker import (
     wait_finished,
     write_worker_config,
 )
+from tests.support.v2 import json_request
 
 pytestmark = pytest.mark.system
 
@@ -66,6 +65,25 @@ def loop_config(directory: Path, webhook_url: str) -> Path:
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def digits_worker_config(directory: Path, gateway_url: str, *, port: int = 0, **job: Any) -> Path:
+    """A worker that distils digits (`job`: more DistillJob fields), on `port`, calling the
+    gateway with write_slo_config's admin token."""
+    return write_worker_config(
+        directory,
+        gateway_url=gateway_url,
+        models={
+            "digits": {
+                "kind": "distill",
+                "teacher_card": str(DIGITS / "teacher.card.json"),
+                "deadline_seconds": 240,
+                **job,
+            }
+        },
+        listen={"host": "127.0.0.1", "port": port},
+        gateway={"url": gateway_url, "token": TOKEN, "timeout_seconds": 60},
+    )
 
 
 def rollout(url: str) -> dict[str, Any] | None:
@@ -109,24 +127,14 @@ def test_inverted_digits_are_retrained_rolled_out_and_promoted_without_a_failed_
     worker_url = f"http://127.0.0.1:{port}"
     gateway_config = loop_config(tmp_path, f"{worker_url}/webhook")
     with live_server(gateway_config, deadline_seconds=90) as gateway:
-        worker_config = write_worker_config(
+        worker_config = digits_worker_config(
             tmp_path,
-            gateway_url=gateway.url,
-            models={
-                "digits": {
-                    "kind": "distill",
-                    "teacher_card": str(DIGITS / "teacher.card.json"),
-                    "epochs": 150,
-                    "deadline_seconds": 240,
-                    "min_capture_rows": 1200,  # 30 s of the incident's traffic
-                    "capture_wait_seconds": 120,
-                }
-            },
+            gateway.url,
+            port=port,
+            epochs=150,
+            min_capture_rows=1200,  # 30 s of the incident's traffic
+            capture_wait_seconds=120,
         )
-        data = yaml.safe_load(worker_config.read_text())
-        data["listen"]["port"] = port
-        data["gateway"]["token"] = TOKEN  # write_slo_config's admin token
-        worker_config.write_text(yaml.safe_dump(data))
         with live_worker(worker_config) as worker:
             with traffic(gateway.url, "invert") as load:
                 wait_for(
@@ -172,38 +180,13 @@ def test_inverted_digits_are_retrained_rolled_out_and_promoted_without_a_failed_
     assert agreement(student, teacher, load_split(0).test.inputs) >= 0.95
 
 
-@contextmanager
-def digits_clients(url: str, *, rate: float = 40) -> Iterator[list[str]]:
-    """Clean digits requests at about `rate` per second from a thread until the block ends;
-    yields the `x-kdgate-model-version` of every answer so far (each must be a 200)."""
+def digits_clients(url: str) -> AbstractContextManager[list[str]]:
+    """Clean one-row digits requests, 40 per second: versions_answering's."""
     with np.load(DIGITS / "reference.npz") as reference:
         rows = reference["inputs"].astype(np.float32)
-    versions: list[str] = []
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def send() -> None:
-        with httpx.Client(base_url=url, timeout=10) as http:
-            for n in itertools.count():
-                if stop.is_set():
-                    return
-                row = rows[n % len(rows)]
-                body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                                    "data": row.tolist()}]}  # fmt: skip
-                r = http.post("/v2/models/digits/infer", json=body)
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text}")
-                versions.append(r.headers.get("x-kdgate-model-version", "?"))
-                stop.wait(1 / rate)
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    try:
-        yield versions
-    finally:
-        stop.set()
-        thread.join(timeout=15)
-    assert not failures, failures[:3]
+    return versions_answering(
+        url, "/v2/models/digits/infer", lambda n: json_request(rows[n % len(rows)][None, :])
+    )
 
 
 @pytest.mark.timeout(600)
@@ -216,23 +199,9 @@ def test_a_one_epoch_candidate_is_rolled_back_at_its_dark_step_and_served_to_nob
     with webhook_receiver(SECRET) as receiver:
         gateway_config = loop_config(tmp_path, receiver.url)
         with live_server(gateway_config, deadline_seconds=90) as gateway:
-            worker_config = write_worker_config(
-                tmp_path,
-                gateway_url=gateway.url,
-                models={
-                    "digits": {
-                        "kind": "distill",
-                        "teacher_card": str(DIGITS / "teacher.card.json"),
-                        "epochs": 1,
-                        "extra_args": RELAXED_GATES,
-                        "min_capture_rows": 200,
-                        "deadline_seconds": 240,
-                    }
-                },
+            worker_config = digits_worker_config(
+                tmp_path, gateway.url, epochs=1, extra_args=RELAXED_GATES, min_capture_rows=200
             )
-            data = yaml.safe_load(worker_config.read_text())
-            data["gateway"]["token"] = TOKEN
-            worker_config.write_text(yaml.safe_dump(data))
             with live_worker(worker_config) as worker, digits_clients(gateway.url) as versions:
                 body = retrain_body("digits", tmp_path / "capture" / "digits")
                 assert post_retrain(worker.url, body, "msg_one_epoch").status_code == 202
