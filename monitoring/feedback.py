@@ -24,7 +24,7 @@ once and the teacher when `attach_teacher` delivers its logits. `on_labels(reque
 (optional) is told every accepted label as well: a running rollout's paired window joins them
 (monitoring/rollout_evidence.py).
 
-Every operation is O(1) per id (expected), ~4 µs per prediction on a full store
+Every operation is O(1) per id (expected), ~1.7 µs per prediction on a full store
 (`python -m bench.feedback`), so `put_many` can run on the event loop. Not thread-safe:
 use it from the event loop. The clock (seconds, monotonic) is injectable.
 
@@ -93,6 +93,72 @@ class _Slots:
         self.tail = slot
         self.count += 1
         return slot
+
+    def take_many(self, count: int) -> array[int]:
+        """`count` free slots, now the newest in use, in the order `count` `take`s give them."""
+        free = self._free
+        slots = free[len(free) - count :]
+        del free[len(free) - count :]
+        slots.reverse()  # `take` pops from the end
+        if count:
+            self._append_run(slots)
+        return slots
+
+    def _append_run(self, slots: array[int]) -> None:
+        """Link `slots` (not in use) after the tail, in order."""
+        prev, nxt = self._prev, self._next
+        last = self.tail
+        if last < 0:
+            self.head = last = slots[0]
+            prev[last] = -1
+            rest: Iterable[int] = slots[1:]
+        else:
+            rest = slots
+        for slot in rest:
+            prev[slot] = last
+            nxt[last] = slot
+            last = slot
+        nxt[last] = -1
+        self.tail = last
+        self.count += len(slots)
+
+    def oldest(self, count: int) -> array[int]:
+        """The `count` oldest slots in use (at most `self.count`), oldest first."""
+        found = array("i", [-1]) * count
+        nxt, slot = self._next, self.head
+        for i in range(count):
+            found[i] = slot
+            slot = nxt[slot]
+        return found
+
+    def release_oldest(self, run: array[int]) -> None:
+        """`release` each slot of `run`, the oldest in use (`oldest(len(run))`), oldest first."""
+        if not run:
+            return
+        rest = self._next[run[-1]]
+        self.head = rest
+        if rest >= 0:
+            self._prev[rest] = -1
+        else:
+            self.tail = -1
+        self._free.extend(run)
+        self.count -= len(run)
+
+    def renew_oldest_many(self, count: int) -> array[int]:
+        """`renew_oldest` `count` times (`count` <= `self.count`): the oldest run, made newest."""
+        run = self.oldest(count)
+        if count and count < self.count:
+            # The run is linked in order already: only its ends move.
+            prev, nxt = self._prev, self._next
+            first, last = run[0], run[-1]
+            rest = nxt[last]
+            self.head = rest
+            prev[rest] = -1
+            prev[first] = self.tail
+            nxt[self.tail] = first
+            nxt[last] = -1
+            self.tail = last
+        return run
 
     def release(self, slot: int) -> None:
         prev, next_ = self._prev[slot], self._next[slot]
@@ -164,6 +230,13 @@ class FeedbackStore:
         self._gone_kind = array("B", bytes(max_size + 1))
         # Values < capacity are live slots; capacity + t is tombstone t.
         self._index = IdIndex(capacity + max_size + 1)
+        # numpy views of the flat arrays (same memory), for the bulk path's scattered writes.
+        self._hash_view = np.frombuffer(self._hash, dtype=np.int64)
+        self._created_view = np.frombuffer(self._created, dtype=np.float64)
+        self._version_view = np.frombuffer(self._version, dtype=np.int32)
+        self._flags_view = np.frombuffer(self._flags, dtype=np.uint8)
+        self._gone_hash_view = np.frombuffer(self._gone_hash, dtype=np.int64)
+        self._gone_kind_view = np.frombuffer(self._gone_kind, dtype=np.uint8)
         if class_labels:
             self._allocate_rows(len(class_labels))
 
@@ -183,12 +256,65 @@ class FeedbackStore:
 
     def put_many(self, predictions: Iterable[tuple[str, str, ArrayLike, bool]]) -> None:
         """`put` for each (request id, version, student logits, shadowed), oldest first."""
+        batch = predictions if isinstance(predictions, list) else list(predictions)
         now = self._clock()
+        if not self._put_usual(batch, now):
+            self._put_each(batch, now)
+        self._evict(now)
+
+    def _put_usual(self, batch: list[tuple[str, str, ArrayLike, bool]], now: float) -> bool:
+        """`_put_each` for the usual batch, array by array instead of row by row; False (and
+        nothing done) when `batch` is not one: each prediction a single row of the store's
+        width, ids new to the store and distinct, room for all of them before eviction.
+
+        On a full store of 50,000, 64 predictions: ~200 us row by row, ~105 us this way
+        (`python -m bench.feedback`); the answers are the same (tests/unit/test_feedback.py
+        checks both ways against one reference model).
+        """
+        count, width, live = len(batch), self._width, self._live
+        if not count or not width or live.count + count > self._capacity:
+            return False
+        request_ids, versions, logits, shadowed = zip(*batch)  # noqa: B905  (4-tuples)
+        entries = self._index.entries
+        keys = list(map(hash, request_ids))
+        if (
+            len(entries) + count > self._index.capacity
+            or not entries.keys().isdisjoint(keys)
+            or len(set(keys)) != count
+            or set(map(type, logits)) != {np.ndarray}
+            or set(map(len, logits)) != {1}
+        ):
+            return False
+        try:
+            rows = np.concatenate(logits)
+        except ValueError:  # arrays of different ranks or widths
+            return False
+        if rows.shape != (count, width):
+            return False
+        slots = live.take_many(count)
+        at = np.frombuffer(slots, dtype=np.int32)
+        self._student[at] = rows
+        self._flags_view[at] = (
+            np.where(shadowed, INLINE | SHADOWED, INLINE) if any(shadowed) else INLINE
+        )
+        self._hash_view[at] = keys
+        self._created_view[at] = now
+        distinct = set(versions)
+        if len(distinct) == 1:
+            self._version_view[at] = self._version_id(distinct.pop())
+        else:
+            ids = {version: self._version_id(version) for version in distinct}
+            self._version_view[at] = list(map(ids.__getitem__, versions))
+        entries.update(zip(keys, slots, strict=True))
+        return True
+
+    def _put_each(self, batch: list[tuple[str, str, ArrayLike, bool]], now: float) -> None:
+        """`put` for each prediction of `batch`, one at a time (any batch)."""
         index, live, capacity = self._index, self._live, self._capacity
         flags, hashes, created, versions = self._flags, self._hash, self._created, self._version
         inline_slots: list[int] = []
         inline_rows: list[NDArray[np.float32]] = []
-        for request_id, version, student_logits, shadowed in predictions:
+        for request_id, version, student_logits, shadowed in batch:
             if live.count == capacity:
                 self._evict(now)
             slot = live.take()
@@ -216,7 +342,6 @@ class FeedbackStore:
             versions[slot] = self._version_id(version) if version_id is None else version_id
         if inline_rows:
             self._student[inline_slots] = np.concatenate(inline_rows)
-        self._evict(now)
 
     def attach_teacher(self, request_id: str, teacher_logits: ArrayLike) -> None:
         """Attach the teacher's logits [rows, C] to a stored prediction; ignored if not held."""
@@ -349,11 +474,16 @@ class FeedbackStore:
         self._live.release(slot)
         flags = self._flags[slot]
         if flags != INLINE and flags != INLINE | SHADOWED:  # the usual case has nothing aside
-            if not flags & INLINE:
-                self._other_student.pop(slot, None)
-                self._other_teacher.pop(slot, None)
-            if flags & PENDING:
-                self._pending.pop(slot, None)
+            self._free_aside(slot)
+
+    def _free_aside(self, slot: int) -> None:
+        """Drop what a slot keeps outside the flat arrays (rows of another shape, labels)."""
+        flags = self._flags[slot]
+        if not flags & INLINE:
+            self._other_student.pop(slot, None)
+            self._other_teacher.pop(slot, None)
+        if flags & PENDING:
+            self._pending.pop(slot, None)
 
     def _retire(self, slot: int, kind: int) -> None:
         key = self._hash[slot]
@@ -370,14 +500,49 @@ class FeedbackStore:
         self._index.set(key, self._capacity + tomb)
 
     def _evict(self, now: float) -> None:
+        """Retire the predictions over `max_size` and those past `ttl_seconds`, oldest first."""
         # Age order is insertion order (put re-inserts at the young end): only the head can be due.
-        live, created, flags = self._live, self._created, self._flags
-        max_size, ttl = self.max_size, self.ttl_seconds
-        while live.count:
-            slot = live.head
-            if live.count <= max_size and now - created[slot] <= ttl:
-                break
-            self._retire(slot, LABELLED if flags[slot] & PENDING else EXPIRED)
+        live, created, nxt = self._live, self._created, self._live._next
+        ttl = self.ttl_seconds
+        over = max(live.count - self.max_size, 0)
+        due = live.oldest(over)
+        slot = nxt[due[-1]] if over else live.head
+        while slot >= 0 and now - created[slot] > ttl:
+            due.append(slot)
+            slot = nxt[slot]
+        if due:
+            self._retire_oldest(due)
+
+    def _retire_oldest(self, slots: array[int]) -> None:
+        """`_retire` each of `slots`, the oldest live predictions, oldest first, in bulk."""
+        live, gone, max_size = self._live, self._gone, self.max_size
+        count = len(slots)
+        taken = min(count, max_size - gone.count)
+        renewed = count - taken
+        if renewed > gone.count:  # more retire than tombstones are kept: a tiny store
+            for slot in slots:
+                self._retire(slot, LABELLED if self._flags[slot] & PENDING else EXPIRED)
+            return
+        at = np.frombuffer(slots, dtype=np.int32)
+        flags = self._flags_view[at]
+        unusual: NDArray[np.bool_] = (flags | SHADOWED) != INLINE | SHADOWED
+        if unusual.any():  # rows kept aside, labels pending
+            for slot in at[unusual].tolist():
+                self._free_aside(slot)
+        live.release_oldest(slots)
+        kinds = (flags & PENDING) != 0  # LABELLED (1) where labels were pending, else EXPIRED
+        keys = self._hash_view[at]
+        entries = self._index.entries
+        tombs = gone.take_many(taken)
+        if renewed:
+            oldest = gone.renew_oldest_many(renewed)
+            for key in self._gone_hash_view[np.frombuffer(oldest, dtype=np.int32)].tolist():
+                del entries[key]
+            tombs.extend(oldest)
+        where = np.frombuffer(tombs, dtype=np.int32)
+        self._gone_hash_view[where] = keys
+        self._gone_kind_view[where] = kinds
+        entries.update(zip(keys.tolist(), (where + self._capacity).tolist(), strict=True))
 
 
 def _as_rows(logits: NDArray[np.float32]) -> NDArray[np.float32]:

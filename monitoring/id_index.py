@@ -22,19 +22,20 @@ class IdIndex:
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("need capacity >= 1")
-        self._entries: dict[int, int] = {}
+        # Public for bulk callers (`dict.update`, `keys().isdisjoint`), who keep the capacity.
+        self.entries: dict[int, int] = {}
         self.capacity = capacity
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def get(self, key: int) -> int:
         """The value stored for `key`, or -1."""
-        return self._entries.get(key, EMPTY)
+        return self.entries.get(key, EMPTY)
 
     def set(self, key: int, value: int) -> int:
         """Store `value` (>= 0) for `key`; return the value it replaces, or -1."""
-        entries = self._entries
+        entries = self.entries
         previous = entries.get(key, EMPTY)
         if previous == EMPTY and len(entries) == self.capacity:
             raise OverflowError("IdIndex is full")
@@ -43,4 +44,4 @@ class IdIndex:
 
     def delete(self, key: int) -> None:
         """Forget `key` (no-op if absent)."""
-        self._entries.pop(key, None)
+        self.entries.pop(key, None)

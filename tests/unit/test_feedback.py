@@ -215,6 +215,7 @@ class Calls:
 
 
 IDS = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+NEW_IDS = st.integers(1, 40).map(lambda n: f"new-{n}")  # as "put-new" names them
 ROWS = st.sampled_from([(1, 4), (4,), (2, 4)])
 OPERATIONS = st.lists(
     st.one_of(
@@ -222,12 +223,24 @@ OPERATIONS = st.lists(
             st.just("put"),
             st.lists(st.tuples(IDS, st.sampled_from(["1", "2"]), ROWS, st.booleans()), max_size=4),
         ),
-        st.tuples(st.just("teacher"), IDS, ROWS),
+        # Ids never seen, usually single rows of the store's width: the bulk way of put_many.
+        st.tuples(
+            st.just("put-new"),
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["1", "2"]),
+                    st.sampled_from([(1, 4), (1, 4), (1, 4), (1,)]),
+                    st.booleans(),
+                ),
+                max_size=8,
+            ),
+        ),
+        st.tuples(st.just("teacher"), st.one_of(IDS, NEW_IDS), ROWS),
         st.tuples(
             st.just("feedback"),
             st.lists(
                 st.tuples(
-                    st.one_of(IDS, st.just(7)),
+                    st.one_of(IDS, NEW_IDS, st.just(7)),
                     st.one_of(
                         st.integers(-1, 4),
                         st.sampled_from(["x", "y", "z"]),
@@ -265,6 +278,14 @@ def test_the_compact_store_answers_as_the_reference_model(
             for request_id, version, shape, shadowed in operation[1]:
                 counter += 1
                 batch.append((request_id, version, np.full(shape, counter, np.float32), shadowed))
+            store.put_many(batch)
+            reference.put_many(batch)
+        elif operation[0] == "put-new":
+            batch = []
+            for version, shape, shadowed in operation[1]:
+                counter += 1
+                logits = np.full(shape, counter, np.float32)
+                batch.append((f"new-{counter:g}", version, logits, shadowed))
             store.put_many(batch)
             reference.put_many(batch)
         elif operation[0] == "teacher":
