@@ -86,7 +86,7 @@ from kdgate.service.pairing import Pairing, pair_cards, pair_remote
 from kdgate.service.request_log import Served
 from kdgate.service.runtime import onnx_session_config
 from kdgate.service.settings import ModelSettings, Settings, TeacherSettings
-from kdgate.service.shadow_tap import ModelShadow, Observation
+from kdgate.service.shadow_tap import ModelShadow
 from kdgate.service.state import ServingState
 from kdgate.service.tracer import NO_TRACER, Tracer
 
@@ -99,6 +99,9 @@ Run = Callable[[dict[str, np.ndarray[Any, Any]]], Arrays]  # a student session's
 _MODEL = attrgetter("model")
 _INPUTS = attrgetter("inputs")
 _OUTPUTS = attrgetter("outputs")
+_REQUEST_ID = attrgetter("request_id")
+_VERSION = attrgetter("variant.version")
+_TRACE = attrgetter("trace")
 # Rows of the reference file the student scores at once (prediction features at start).
 REFERENCE_CHUNK_ROWS = 256
 P = ParamSpec("P")
@@ -372,12 +375,14 @@ class MonitoringRuntime:
                 continue
             if monitoring.tap is not None:
                 monitoring.tap(answered)
-            observations: list[Observation] = [
-                (request_id, variant.version, inputs, outputs, trace)
-                for _, _, variant, _, _, request_id, inputs, outputs, trace, _ in answered
-                if variant is not None and outputs is not None  # always so with outputs
-            ]
-            monitoring.shadow.observe_many(observations)
+            # A row with outputs always has its variant: a variant answered it.
+            monitoring.shadow.observe_many(
+                list(map(_REQUEST_ID, answered)),
+                list(map(_VERSION, answered)),
+                list(map(_INPUTS, answered)),
+                list(map(_OUTPUTS, answered)),
+                list(map(_TRACE, answered)),
+            )
 
     # -- lifespan ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from kdgate.monitoring.feedback import FeedbackStore
@@ -19,8 +20,6 @@ from kdgate.monitoring.shadow import ShadowQueue, ShadowSample, should_shadow
 log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, Any]
-# (request id, version, inputs, outputs, trace context or None) of a successful prediction.
-Observation = tuple[str, str, Arrays, Arrays, Any]
 
 
 class ModelShadow:
@@ -56,10 +55,19 @@ class ModelShadow:
         self, request_id: str, version: str, inputs: Arrays, outputs: Arrays, trace: Any = None
     ) -> None:
         """One successful prediction; see `observe_many`."""
-        self.observe_many([(request_id, version, inputs, outputs, trace)])
+        self.observe_many([request_id], [version], [inputs], [outputs], [trace])
 
-    def observe_many(self, predictions: Sequence[Observation]) -> None:
-        """Successful predictions, oldest first: never awaits, never raises on a full queue.
+    def observe_many(
+        self,
+        request_ids: Sequence[str],
+        versions: Sequence[str],
+        inputs: Sequence[Arrays],
+        outputs: Sequence[Arrays],
+        traces: Sequence[Any],
+    ) -> None:
+        """Successful predictions, oldest first, as columns (entry i of each is prediction i;
+        a trace is the request span's context or None): never awaits, never raises on a full
+        queue.
 
         The shadow fraction is read once per call: the predictions of one settle (at most
         ~10 ms of traffic, service/request_log.py) share it.
@@ -68,16 +76,18 @@ class ModelShadow:
         if name is None:
             return
         try:
+            scores = list(map(itemgetter(name), outputs))
             queue = self.queue
             fraction = self.shadow_fraction() if queue is not None else 0.0
-            kept = []
-            for request_id, version, inputs, outputs, trace in predictions:
-                scores = outputs[name]
-                shadowed = False
-                if fraction and queue is not None and should_shadow(request_id, fraction):
-                    sample = ShadowSample(request_id, version, inputs, scores, trace)
-                    shadowed = queue.offer(sample)
-                kept.append((request_id, version, scores, shadowed))
-            self.feedback.put_many(kept)
+            shadowed = None
+            if fraction and queue is not None:
+                shadowed = [
+                    should_shadow(request_id, fraction)
+                    and queue.offer(ShadowSample(request_id, version, arrays, score, trace))
+                    for request_id, version, arrays, score, trace in zip(
+                        request_ids, versions, inputs, scores, traces, strict=True
+                    )
+                ]
+            self.feedback.put_columns(request_ids, versions, scores, shadowed)
         except Exception:  # monitoring must never fail the answer already computed
-            log.exception("shadow/feedback hook failed for %d predictions", len(predictions))
+            log.exception("shadow/feedback hook failed for %d predictions", len(request_ids))
