@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from operator import itemgetter
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -145,6 +146,13 @@ class DriftFeatures:
     ) -> Float32Array | None:
         """The feature rows of many requests (oldest first), [rows, columns] float32; None when
         no request fits. `outputs[i]` may be None when no column needs outputs."""
+        usual = self._rows_usual(inputs, outputs)
+        return usual if usual is not None else self._rows_each(inputs, outputs)
+
+    def _rows_each(
+        self, inputs: Sequence[Arrays], outputs: Sequence[Arrays | None]
+    ) -> Float32Array | None:
+        """`rows` of any batch: the requests that fit, checked one by one."""
         keep = [i for i in range(len(inputs)) if self._fits(inputs[i], outputs[i])]
         if not keep:
             return None
@@ -157,6 +165,44 @@ class DriftFeatures:
             parts.append(self._from_scores(scores))
         if self.dims:
             parts.append(self._project([inputs[i] for i in keep]))
+        return parts[0] if len(parts) == 1 else np.hstack(parts)
+
+    def _rows_usual(
+        self, inputs: Sequence[Arrays], outputs: Sequence[Arrays | None]
+    ) -> Float32Array | None:
+        """`rows` of a batch where every request fits, each column made once for the batch
+        rather than request by request; None when some request does not fit (or the features
+        project inputs): `_rows_each` then checks them one by one. Same rows either way
+        (tests/unit/test_drift_features.py compares them); 64 digits requests: ~110 us one by
+        one, ~40 us this way."""
+        if self.dims or not inputs or (self.table is None and self.scores is None):
+            return None
+        parts: list[Float32Array] = []
+        counts: list[int] | None = None
+        try:
+            if self.table is not None:
+                tables = list(map(itemgetter(self.table.name), inputs))
+                table = np.concatenate(tables)  # ValueError: ranks or widths differ
+                if table.ndim != 2 or table.shape[1] != self.table.shape[1]:
+                    return None
+                counts = list(map(len, tables))
+                parts.append(table.astype(np.float32, copy=False))
+            if self.scores is not None:
+                # TypeError: a request without outputs; KeyError: without the scores output.
+                outputs_ = cast("Sequence[Arrays]", outputs)
+                each = list(map(itemgetter(self.scores), outputs_))
+                scores = np.concatenate(each)
+                if scores.ndim not in (1, 2) or (
+                    counts is not None and list(map(len, each)) != counts
+                ):
+                    return None
+                width = 1 if scores.ndim == 1 else scores.shape[1]
+                if self._score_width is not None and width != self._score_width:
+                    return None
+                matrix = _as_matrix(scores).astype(np.float32, copy=False)
+                parts.append(self._from_scores(matrix))
+        except (KeyError, TypeError, ValueError):
+            return None
         return parts[0] if len(parts) == 1 else np.hstack(parts)
 
     def _fits(self, inputs: Arrays, outputs: Arrays | None) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.special import expit, rel_entr, softmax
 from scipy.stats import wasserstein_distance
 
@@ -183,3 +185,54 @@ def test_evidently_scores_predictions_as_scipy_does(shifted: bool) -> None:
         current, reference, columns=features.columns, categorical=("prediction",)
     )
     assert fallback.scores["prediction"] == pytest.approx(expected_psi, rel=1e-9)
+
+
+# One request's arrays for a table-and-scores model (3 input columns, 2 classes): usually fitting,
+# sometimes of another rank, width or row count, without the input, or without outputs.
+REQUEST_SHAPES = st.sampled_from(
+    ["fits", "fits", "fits", "one-row-1d", "wide", "3d", "no-input", "no-outputs", "rows-differ"]
+)
+
+
+def table_request(kind: str, rows: int, seed: int) -> tuple[dict, dict | None]:
+    rng = np.random.default_rng(seed)
+    rows = max(rows, 1) if kind == "one-row-1d" else rows
+    table = rng.integers(-5, 5, size=(rows, 3)).astype(np.int32)
+    scores = rng.normal(size=(rows, 2)).astype(np.float32)
+    if kind == "one-row-1d":
+        return {"x": table[0]}, {"y": scores[0]}
+    if kind == "wide":
+        return {"x": rng.integers(0, 2, size=(rows, 4)).astype(np.int32)}, {"y": scores}
+    if kind == "3d":
+        return {"x": table[:, None, :]}, {"y": scores}
+    if kind == "no-input":
+        return {"other": table}, {"y": scores}
+    if kind == "no-outputs":
+        return {"x": table}, None
+    if kind == "rows-differ":
+        return {"x": table}, {"y": np.concatenate([scores, scores])}
+    return {"x": table}, {"y": scores}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(REQUEST_SHAPES, st.integers(0, 3), st.integers(0, 2**16)), max_size=8
+    ),
+    kind=st.sampled_from(["logits", "probabilities", "regression"]),
+)
+def test_a_batch_gives_the_rows_its_requests_give_one_by_one(
+    requests: list[tuple[str, int, int]], kind: str
+) -> None:
+    features = DriftFeatures.for_signature(
+        TABLE, scores="y", output_kind=kind, score_columns=2 if kind == "regression" else 0
+    )
+    made = [table_request(*request) for request in requests]
+    inputs, outputs = [m[0] for m in made], [m[1] for m in made]
+    together = features.rows(inputs, outputs)
+    one_by_one = features._rows_each(inputs, outputs)
+    if one_by_one is None:
+        assert together is None
+    else:
+        assert together is not None and together.dtype == np.float32
+        np.testing.assert_array_equal(together, one_by_one)
