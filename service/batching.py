@@ -2,15 +2,22 @@
 
     nothing ran yet in this loop iteration  -> run inline (no wait), mark the iteration busy
     the iteration is busy, or a batch waits -> join the batch and await its rows
+    the last batch had company (saturated)  -> join the batch, even as the iteration's first
     loop.call_soon(flush)                   -> one session run over the joined rows, split back
 
 There is no timer and no delay. A saturated server gets several requests in one loop iteration
-(uvloop hands it every readable socket of an epoll round at once); the first runs inline as it
-always did, the others, already queued to run before the flush callback, join one batch. A lone
-request (one connection, or a modest arrival rate) always runs inline, so its latency does not
-change. Why it pays for this model class (docs/benchmarks.md): a run of the digits student costs
-~20 us at batch 1 and ~26 us at batch 16 in a `timeit` loop, and 2-3x more between two requests
-in a busy server, where its weights and code have left the CPU caches.
+(uvloop hands it every readable socket of an epoll round at once); the first runs inline, the
+others, already queued to run before the flush callback, join one batch. Once an iteration has
+had several requests, the next iteration's first joins the batch too: one run per iteration
+instead of two (wrk at c16 against the digits student: 3.4 requests per session run when each
+iteration's first ran inline, 7.4 this way, and ~10 % less server CPU per request). A batch of
+one request ends that: the load went down, and
+the next lone request runs inline again. A lone request (one connection, or a modest arrival
+rate) therefore runs inline, so its latency does not change; at most one request after a busy
+spell pays a batch's extra loop turn. Why it pays for this model class (docs/benchmarks.md): a
+run of the digits student costs ~20 us at batch 1 and ~26 us at batch 16 in a `timeit` loop,
+and 2-3x more between two requests in a busy server, where its weights and code have left the
+CPU caches.
 
 Only single-input models whose input and outputs have a dynamic first (batch) dimension batch;
 the others always run inline. A failed batched run fails each request of the batch (500).
@@ -82,17 +89,22 @@ class Batcher:
         # instructions less than a Python callback (callgrind), per iteration, which at one
         # request per iteration (c1) is per request.
         self._ran_inline: list[bool] = []
+        # The last batch had company (more than one request, or one that ran inline in its
+        # iteration): requests keep arriving together, so the first of an iteration joins too.
+        self._saturated = False
+        self._with_inline = False  # a request of the waiting batch's iteration ran inline
 
     def busy(self) -> bool:
         """Whether a request ready now should join a batch instead of running inline."""
-        return bool(self._ran_inline or self._pending)
+        return bool(self._ran_inline or self._pending or self._saturated)
 
     def inline(self) -> bool:
         """Whether the request ready now runs inline: True when it is the first of this loop
-        iteration and no batch waits (the iteration's later requests then batch), else False
-        (it joins the batch: `await run(inputs)`). One call where there were two (`busy`, then
-        `ran_inline`): this is what a c1 request pays for batching."""
-        if self._ran_inline or self._pending:
+        iteration, no batch waits and the last batch had no company (the iteration's later
+        requests then batch), else False (it joins the batch: `await run(inputs)`). One call
+        where there were two (`busy`, then `ran_inline`): this is what a c1 request pays for
+        batching."""
+        if self._ran_inline or self._pending or self._saturated:
             return False
         self._ran_inline.append(True)
         asyncio.get_running_loop().call_soon(self._ran_inline.clear)
@@ -106,6 +118,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if not self._pending:
             self._opened = time.perf_counter()
+            self._with_inline = bool(self._ran_inline)
             loop.call_soon(self.flush)
         future: asyncio.Future[Arrays] = loop.create_future()
         self._pending.append((inputs, rows, future))
@@ -117,6 +130,7 @@ class Batcher:
         pending, self._pending, batch_rows, self._rows = self._pending, [], self._rows, 0
         if not pending:
             return
+        self._saturated = len(pending) > 1 or self._with_inline
         try:
             self.observe_rows(batch_rows)
             self.observe_wait(time.perf_counter() - self._opened)

@@ -84,7 +84,28 @@ async def test_requests_of_one_loop_iteration_share_one_run(student: StudentSess
         assert answer.keys() == alone.keys()
         assert answer["logits"].shape == alone["logits"].shape
         np.testing.assert_allclose(answer["logits"], alone["logits"], rtol=1e-5, atol=1e-5)
-    assert not batcher.busy()  # the loop iteration that ran inline is over
+
+
+async def test_after_a_shared_run_the_first_request_joins_until_a_batch_has_no_company(
+    student: StudentSession,
+) -> None:
+    counting = CountingSession(student)
+    batcher = Batcher(counting, max_rows=32)
+    assert batcher.inline()  # a quiet server: the first request runs inline
+    await asyncio.gather(batcher.run(rows(1, 1)), batcher.run(rows(1, 2)))
+    await asyncio.sleep(0)  # the next loop iteration
+    # Requests came together: the next iteration's first joins a batch instead of running alone.
+    assert batcher.busy() and not batcher.inline()
+    await asyncio.gather(*(batcher.run(rows(1, seed)) for seed in range(3)))
+    assert counting.runs == [2, 3]
+    assert not batcher.inline()  # still busy: that batch had three requests
+    await batcher.run(rows(2, 4))  # a batch of one request: the load went down
+    assert counting.runs == [2, 3, 2]
+    await asyncio.sleep(0)
+    assert not batcher.busy() and batcher.inline()  # lone requests run inline again
+    await asyncio.sleep(0)
+    assert batcher.inline()
+    assert counting.runs == [2, 3, 2]  # inline runs are the caller's, not the batcher's
 
 
 async def test_a_batch_never_takes_more_than_max_rows(student: StudentSession) -> None:
