@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -49,15 +49,23 @@ def bench_server_command(module: str, onnx: Path, name: str, delay_ms: float = 0
 
 @contextlib.contextmanager
 def running(
-    command: list[str], *, port: int, core: int | None, log: Path, ready_timeout_s: float = 60.0
+    command: list[str],
+    *,
+    port: int,
+    core: int | None,
+    log: Path,
+    ready_timeout_s: float = 60.0,
+    cwd: Path = REPO_ROOT,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `command --host 127.0.0.1 --port PORT` pinned to `core` until the block exits.
+    """Run `command --host 127.0.0.1 --port PORT` pinned to `core` until the block exits, in
+    `cwd` with `env` (this process's environment when None).
 
     Yields once `GET /v2/health/ready` answers 200. Stops with SIGTERM (then SIGKILL after 10 s).
     """
     full = [*pin(core), *command, "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
-        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, log, ready_timeout_s)
         yield proc
