@@ -108,6 +108,23 @@ def test_input_buffer_keeps_the_newest_rows_in_order() -> None:
     assert buffer.snapshot()[:, 0].tolist() == [12, 14, 16, 18, 7]
 
 
+def test_input_buffer_holds_about_capacity_rows_whatever_the_batches() -> None:
+    buffer = InputBuffer(capacity=100, width=2)
+    appended = 0
+    for i in range(5_000):  # batches of 1 to 64 rows, as settles hand them over
+        buffer.append(np.full((1 + i % 64, 2), i, dtype=np.float32))
+        appended += 1 + i % 64
+        held = sum(len(entry) for entry in buffer._entries)
+        assert min(appended, 100) <= held < 100 + 64
+    expected = [i for i in range(4_990, 5_000) for _ in range(1 + i % 64)][-100:]
+    assert buffer.snapshot()[:, 0].tolist() == expected
+    buffer = InputBuffer(capacity=3, width=1)
+    for _ in range(10):
+        buffer.append(np.zeros((0, 1), dtype=np.float32))  # empty batches stay bounded too
+    buffer.append([[1.0]])
+    assert len(buffer._entries) <= 3 and buffer.snapshot()[:, 0].tolist() == [1.0]
+
+
 def test_input_buffer_snapshots_while_another_thread_appends() -> None:
     """No lock on append: a concurrent snapshot never fails and never mixes up a row."""
     buffer = InputBuffer(capacity=50, width=3)
