@@ -175,16 +175,7 @@ class _Slots:
 
     def renew_oldest(self) -> int:
         """The oldest slot in use, made the newest (`release` + `take` of it, cheaper)."""
-        slot = self.head
-        if slot != self.tail:
-            nxt = self._next
-            self.head = nxt[slot]
-            self._prev[self.head] = -1
-            self._prev[slot] = self.tail
-            nxt[self.tail] = slot
-            nxt[slot] = -1
-            self.tail = slot
-        return slot
+        return self.renew_oldest_many(1)[0]
 
 
 class FeedbackStore:

@@ -11,13 +11,12 @@ others, already queued to run before the flush callback, join one batch. Once an
 had several requests, the next iteration's first joins the batch too: one run per iteration
 instead of two (wrk at c16 against the digits student: 3.4 requests per session run when each
 iteration's first ran inline, 7.4 this way, and ~10 % less server CPU per request). A batch of
-one request ends that: the load went down, and
-the next lone request runs inline again. A lone request (one connection, or a modest arrival
-rate) therefore runs inline, so its latency does not change; at most one request after a busy
-spell pays a batch's extra loop turn. Why it pays for this model class (docs/benchmarks.md): a
-run of the digits student costs ~20 us at batch 1 and ~26 us at batch 16 in a `timeit` loop,
-and 2-3x more between two requests in a busy server, where its weights and code have left the
-CPU caches.
+one request ends that: the load went down, and the next lone request runs inline again. A lone
+request (one connection, or a modest arrival rate) therefore runs inline, so its latency does
+not change; at most one request after a busy spell pays a batch's extra loop turn. Why it
+pays for this model class (docs/benchmarks.md): a run of the digits student costs ~20 us at
+batch 1 and ~26 us at batch 16 in a `timeit` loop, and 2-3x more between two requests in a busy
+server, where its weights and code have left the CPU caches.
 
 Only single-input models whose input and outputs have a dynamic first (batch) dimension batch;
 the others always run inline. A failed batched run fails each request of the batch (500).
